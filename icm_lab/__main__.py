@@ -1,0 +1,50 @@
+"""Command line.
+
+    python -m icm_lab [overrides...]          run the configured stages (Hydra; --help for more)
+    python -m icm_lab -m key=a,b [...]        a multirun sweep
+    python -m icm_lab layers [overrides...]   print the layer registry of the chosen model
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+def run_app(cfg: DictConfig) -> None:
+    from icm_lab.runner import run
+
+    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+def layers_command(overrides: list[str]) -> None:
+    """Print the hook points (name, kind, width, resolution) of `model=...`."""
+    from icm_lab.models.layers import layer_registry
+    from icm_lab.models.loading import load_pipeline
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    registry = layer_registry(load_pipeline(cfg.model), cfg.model.resolution)
+    table = registry.table()
+    print(f"{cfg.model.name}: {len(table)} hook points at {cfg.model.resolution} px "
+          f"({table.kind.value_counts().to_dict()})")
+    print(table.to_string(index=False))
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "layers":
+        layers_command(sys.argv[2:])
+    else:
+        run_app()
+
+
+if __name__ == "__main__":
+    main()

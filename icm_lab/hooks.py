@@ -1,0 +1,233 @@
+"""One hook engine to read (record) and write (add) layer outputs while a pipeline denoises.
+
+The engine never counts module calls. A pre-hook on the denoiser reads the timestep the pipeline
+passes to it and looks its index up in the scheduler's timesteps, so the step is right for any
+step count, with or without classifier-free guidance (CFG), and for samplers that call the
+denoiser more than once per step. The same pre-hook reads `pipe.do_classifier_free_guidance` to
+know whether the batch is CFG-doubled, `[uncond | cond]` in diffusers, and so which rows are the
+conditional half.
+
+    with DenoiserHooks(pipe, record=names, interventions=[...]) as hooks:
+        images = pipe(prompts, ...).images
+    activations = hooks.recording()   # {layer: float16 array [batch, steps, width]}
+
+Hooks are removed when the block exits, on exceptions too.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+
+from icm_lab.models.layers import LayerRegistry, denoiser
+
+
+@dataclass
+class Intervention:
+    """Add a vector to every token of one layer's output: plain data, pyvene-style.
+
+    `vectors` is `[batch, width]` (the same every step) or `[batch, steps, width]`, one row per
+    conditional sample. A sample whose row is all zeros is left untouched, so one batch can hold
+    steered and unsteered samples with several targets. The vector is added at steps
+    `start <= step < end`, to the conditional half or to both CFG halves. With `renorm`, each
+    token is rescaled back to its original norm after the addition.
+    """
+
+    layer: str
+    vectors: torch.Tensor
+    start: int = 0
+    end: int | None = None
+    halves: Literal["cond", "both"] = "cond"
+    renorm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.vectors.ndim not in (2, 3):
+            raise ValueError(
+                f"intervention on {self.layer}: vectors must be [batch, width] or "
+                f"[batch, steps, width], got shape {tuple(self.vectors.shape)}"
+            )
+        if not torch.isfinite(self.vectors).all():
+            raise ValueError(f"intervention on {self.layer}: vectors hold NaN or infinity")
+        if self.halves not in ("cond", "both"):
+            raise ValueError(f"halves must be 'cond' or 'both', got {self.halves!r}")
+
+
+@dataclass
+class StepState:
+    """What the denoiser's current call tells the hooks."""
+
+    step: int = -1
+    n_steps: int = 0
+    batch: int = 0
+    cfg: bool = False
+
+    @property
+    def cond_rows(self) -> slice:
+        return slice(self.batch // 2, self.batch) if self.cfg else slice(0, self.batch)
+
+    @property
+    def cond_batch(self) -> int:
+        return self.batch // 2 if self.cfg else self.batch
+
+
+class DenoiserHooks:
+    """Context manager that records and/or steers the given layers of a pipeline's denoiser."""
+
+    def __init__(
+        self,
+        pipe: DiffusionPipeline,
+        registry: LayerRegistry,
+        record: Sequence[str] = (),
+        interventions: Iterable[Intervention] = (),
+    ):
+        self.pipe = pipe
+        self.net = denoiser(pipe)
+        self.record_layers = [registry[name] for name in record]
+        self.interventions = list(interventions)
+        for intervention in self.interventions:
+            registry[intervention.layer]  # unknown layer: a clear error now, not mid-generation
+        self.state = StepState()
+        self._signature = inspect.signature(self.net.forward)
+        self._timesteps: tuple[int, torch.Tensor] | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._means: dict[str, torch.Tensor] = {}
+        self._steps: dict[int, torch.Tensor] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> DenoiserHooks:
+        try:
+            self._attach()
+        except BaseException:
+            self._detach()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._detach()
+
+    def _attach(self) -> None:
+        modules = dict(self.net.named_modules())
+        self._handles.append(
+            self.net.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True)
+        )
+        # Interventions first, so a layer that is both steered and recorded records its output
+        # after steering.
+        for intervention in self.interventions:
+            bound = _BoundIntervention(intervention, self.state, self.net)
+            self._handles.append(modules[intervention.layer].register_forward_hook(bound))
+        for layer in self.record_layers:
+            hook = self._record_hook(layer.name)
+            self._handles.append(modules[layer.name].register_forward_hook(hook))
+        if self.record_layers:
+            self._handles.append(self.net.register_forward_hook(self._on_denoiser_done))
+
+    def _detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # -- step tracking ---------------------------------------------------------------------
+    def _on_denoiser_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = self._signature.bind(*args, **kwargs).arguments
+        timestep = bound["timestep"]
+        sample = bound.get("sample", bound.get("hidden_states"))
+        self.state.step, self.state.n_steps = self._step_index(timestep)
+        self.state.batch = sample.shape[0]
+        self.state.cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
+
+    def _step_index(self, timestep: torch.Tensor | float) -> tuple[int, int]:
+        """Index of `timestep` among the scheduler's distinct timesteps, nearest match.
+
+        Nearest, not exact, because pipelines may cast the timestep to a low-precision dtype
+        (Sana uses bf16). Consecutive repeats (Heun-style samplers) count as one step.
+        """
+        timesteps = self.pipe.scheduler.timesteps
+        key = (id(timesteps), len(timesteps))
+        if self._timesteps is None or self._timesteps[0] != key:
+            self._timesteps = (key, torch.unique_consecutive(timesteps.detach().float().cpu()))
+        distinct = self._timesteps[1]
+        t = float(torch.as_tensor(timestep).reshape(-1)[0])
+        return int(torch.argmin((distinct - t).abs())), len(distinct)
+
+    # -- recording -------------------------------------------------------------------------
+    def _record_hook(self, name: str):
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            cond = out[self.state.cond_rows]
+            # Mean over spatial tokens: [B, T, C] attention outputs or [B, C, H, W] feature maps.
+            dims = (1,) if cond.ndim == 3 else (2, 3)
+            self._means[name] = cond.mean(dim=dims, dtype=torch.float32)
+
+        return hook
+
+    def _on_denoiser_done(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        missing = [layer.name for layer in self.record_layers if layer.name not in self._means]
+        if missing:
+            raise RuntimeError(f"layers {missing} were not called at step {self.state.step}")
+        # Stays on the device; a Heun-style second call overwrites its step's first.
+        self._steps[self.state.step] = torch.cat(
+            [self._means[layer.name] for layer in self.record_layers], dim=1
+        )
+        self._means.clear()
+
+    def recording(self) -> dict[str, np.ndarray]:
+        """The recorded means, `{layer: float16 [batch, steps, width]}`, one transfer in all."""
+        if not self._steps:
+            raise RuntimeError("nothing was recorded: run the pipeline inside the `with` block")
+        n_steps = self.state.n_steps
+        if sorted(self._steps) != list(range(n_steps)):
+            raise RuntimeError(f"recorded steps {sorted(self._steps)} but expected {n_steps}")
+        stacked = torch.stack([self._steps[s] for s in range(n_steps)], dim=1)
+        stacked = stacked.to("cpu", torch.float16).numpy()
+        widths = np.cumsum([0] + [layer.width for layer in self.record_layers])
+        return {
+            layer.name: stacked[:, :, widths[i] : widths[i + 1]]
+            for i, layer in enumerate(self.record_layers)
+        }
+
+
+class _BoundIntervention:
+    """The forward hook that applies one Intervention, with its vectors moved to the device once."""
+
+    def __init__(self, intervention: Intervention, state: StepState, net: torch.nn.Module):
+        self.spec = intervention
+        self.state = state
+        param = next(net.parameters())
+        self.vectors = intervention.vectors.to(param.device, param.dtype)
+        nonzero = self.vectors.reshape(len(self.vectors), -1).abs().sum(dim=1) > 0
+        self.active = torch.nonzero(nonzero).flatten()
+
+    def __call__(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        spec, state = self.spec, self.state
+        end = state.n_steps if spec.end is None else spec.end
+        if not spec.start <= state.step < end or len(self.active) == 0:
+            return None
+        if len(self.vectors) != state.cond_batch:
+            raise ValueError(
+                f"intervention on {spec.layer} has {len(self.vectors)} vectors but the "
+                f"conditional batch has {state.cond_batch} samples"
+            )
+        out = output[0] if isinstance(output, tuple) else output
+        vectors = self.vectors[:, state.step] if self.vectors.ndim == 3 else self.vectors
+        delta = vectors[self.active]
+        rows = self.active + state.cond_rows.start
+        if state.cfg and spec.halves == "both":
+            rows, delta = torch.cat([rows - state.cond_batch, rows]), torch.cat([delta, delta])
+        # Broadcast over tokens: [n, C] -> [n, 1, C] for [B, T, C], [n, C, 1, 1] for [B, C, H, W].
+        delta = delta[:, None, :] if out.ndim == 3 else delta[:, :, None, None]
+        channel_dim = -1 if out.ndim == 3 else 1
+        before = out[rows]
+        after = before + delta
+        if spec.renorm:
+            scale = before.norm(dim=channel_dim, keepdim=True) / after.norm(
+                dim=channel_dim, keepdim=True
+            ).clamp_min(1e-12)
+            after = after * scale
+        out[rows] = after  # in place: untouched rows stay bit-for-bit what the layer produced
+        return output

@@ -1,0 +1,197 @@
+"""Random-weight twins of SD1.5, SDXL and Sana, built offline.
+
+Each twin uses the real pipeline class and keeps the block structure that names the hook points
+(`down_blocks.i.attentions.j...attn1`, `mid_block`, `transformer_blocks.i.attn2`), so layer
+subsets such as the paper's SD1.5 layers resolve on the twin exactly as on the real model. Only
+widths, depths inside a block, and resolution shrink.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import (
+    AutoencoderDC,
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    SanaPipeline,
+    SanaTransformer2DModel,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    Gemma2Config,
+    Gemma2Model,
+)
+
+from icm_lab.models.tokenizers import byte_tokenizer, clip_tokenizer
+
+_SD_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
+def _clip_text(hidden: int, projection: int | None = None) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=projection or hidden,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def _vae(latent_factor_blocks: int = 4) -> AutoencoderKL:
+    """4 blocks give the SD family's 8x spatial compression, with 4 latent channels."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8,) * latent_factor_blocks,
+        down_block_types=("DownEncoderBlock2D",) * latent_factor_blocks,
+        up_block_types=("UpDecoderBlock2D",) * latent_factor_blocks,
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
+
+
+def tiny_sd15(seed: int = 0) -> StableDiffusionPipeline:
+    """SD1.5's layout: 3 cross-attention down blocks + 1 plain, 2 layers each, mid block with
+    attention, 1 plain + 3 cross-attention up blocks: 16 attn1 and 16 attn2 layers."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    return StableDiffusionPipeline(
+        vae=_vae(),
+        text_encoder=_clip_text(32),
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=DDIMScheduler(**_SD_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
+    """SDXL's layout: plain first down block, then cross-attention blocks with several
+    transformer layers, `text_time` conditioning and two CLIP text encoders."""
+    torch.manual_seed(seed)
+    hidden_1, hidden_2, time_dim = 32, 32, 8
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 2),
+        attention_head_dim=(2, 4, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + hidden_2,
+        cross_attention_dim=hidden_1 + hidden_2,
+        norm_num_groups=8,
+    )
+    return StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=_clip_text(hidden_1),
+        text_encoder_2=_clip_text(hidden_2, projection=hidden_2),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(pad_token="!"),
+        unet=unet,
+        scheduler=DDIMScheduler(**_SD_SCHEDULER),
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def tiny_sana(seed: int = 0) -> SanaPipeline:
+    """Sana's layout: a flat stack of transformer blocks whose attn1 is linear attention, a DC-AE
+    autoencoder, a Gemma-2 text encoder and a flow-matching scheduler."""
+    torch.manual_seed(seed)
+    text_width = 16
+    transformer = SanaTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=text_width,
+        sample_size=16,
+    )
+    vae = AutoencoderDC(
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=2,
+        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        encoder_qkv_multiscales=((), (5,)),
+        decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=(1, 1),
+        downsample_block_type="conv",
+        upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    )
+    tokenizer = byte_tokenizer()
+    text_encoder = Gemma2Model(
+        Gemma2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=text_width,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    return SanaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+
+
+TINY_BUILDERS: dict[str, callable] = {"sd15": tiny_sd15, "sdxl": tiny_sdxl, "sana": tiny_sana}
+
+
+def build_tiny(family: str, seed: int = 0) -> DiffusionPipeline:
+    if family not in TINY_BUILDERS:
+        raise ValueError(f"no tiny twin for family {family!r}; valid: {sorted(TINY_BUILDERS)}")
+    return TINY_BUILDERS[family](seed)

@@ -1,0 +1,88 @@
+"""The runner: chains the configured stages inside one run directory.
+
+Stages are functions `stage(ctx) -> artefact`. The context loads what they share (pipeline,
+layer registry, concept, CLIP) once, on first use, so a stage that is skipped loads nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from diffusers import DiffusionPipeline
+from omegaconf import DictConfig, OmegaConf
+
+from icm_lab.artefacts import Provenance
+from icm_lab.concepts import Concept
+from icm_lab.labeler import ClipLabeler
+from icm_lab.models.clip import Clip, load_clip
+from icm_lab.models.layers import LayerRegistry, layer_registry
+from icm_lab.models.loading import load_pipeline
+
+log = logging.getLogger(__name__)
+
+
+class RunContext:
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    @cached_property
+    def concept(self) -> Concept:
+        return Concept.from_config(self.cfg.concept)
+
+    @cached_property
+    def pipeline(self) -> DiffusionPipeline:
+        return load_pipeline(self.cfg.model)
+
+    @cached_property
+    def registry(self) -> LayerRegistry:
+        return layer_registry(self.pipeline, self.cfg.model.resolution)
+
+    @cached_property
+    def clip(self) -> Clip:
+        return load_clip(self.cfg.clip)
+
+    @cached_property
+    def labeler(self) -> ClipLabeler:
+        labeler = self.cfg.labeler
+        return ClipLabeler(self.clip, self.concept, labeler.min_confidence, labeler.batch_size)
+
+    def artefact_dir(self, provenance: Provenance) -> Path:
+        """Content-addressed: runs with the same stage fingerprint share (and resume) it. The run
+        directory links to it under the stage's name."""
+        name = f"{provenance.model}-{provenance.concept}-{provenance.fingerprint}"
+        path = Path(self.cfg.paths.artefacts) / provenance.stage / name
+        path.mkdir(parents=True, exist_ok=True)
+        link = self.run_dir / provenance.stage
+        if not link.exists():
+            link.symlink_to(path.resolve(), target_is_directory=True)
+        return path
+
+
+def validate_stages(stages: list[str]) -> list[str]:
+    from icm_lab.stages import STAGES  # stages import the runner
+
+    unknown = [stage for stage in stages if stage not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; available stages: {list(STAGES)}")
+    if not stages:
+        raise ValueError(f"stages is empty; available stages: {list(STAGES)}")
+    return list(stages)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run the configured stages in order and return their artefacts by stage name."""
+    from icm_lab.stages import STAGES
+
+    stages = validate_stages(list(cfg.stages))
+    ctx = RunContext(cfg, run_dir)
+    (ctx.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    results = {}
+    for stage in stages:
+        log.info("stage %s", stage)
+        results[stage] = STAGES[stage](ctx)
+    return results
