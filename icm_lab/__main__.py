@@ -11,18 +11,19 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+from icm_lab.config import CONFIG_DIR, compose_config
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def run_app(cfg: DictConfig) -> None:
     from icm_lab.runner import run
 
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run(cfg, run_dir)
+    print(f"icm_lab: results in {run_dir} (stage artefacts are linked there by stage name)")
 
 
 def layers_command(overrides: list[str]) -> None:
@@ -30,8 +31,7 @@ def layers_command(overrides: list[str]) -> None:
     from icm_lab.models.layers import layer_registry
     from icm_lab.models.loading import load_pipeline
 
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose_config(overrides)
     registry = layer_registry(load_pipeline(cfg.model), cfg.model.resolution)
     table = registry.table()
     print(f"{cfg.model.name}: {len(table)} hook points at {cfg.model.resolution} px "

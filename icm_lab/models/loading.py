@@ -11,7 +11,7 @@ import torch
 from diffusers import DiffusionPipeline
 from omegaconf import DictConfig, OmegaConf
 
-from icm_lab.models.tiny import build_tiny
+from icm_lab.models.tiny import build_random
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,17 @@ def load_pipeline(model: DictConfig) -> DiffusionPipeline:
     pipe_cls = getattr(diffusers, model.pipeline)
     if model.pretrained:
         pipe = _from_pretrained(pipe_cls, model, dtype)
+    elif model.build:
+        pipe = build_random(model.build, seed=model.build_seed)
     else:
-        pipe = build_tiny(model.family, seed=model.build_seed)
+        raise ModelLoadError(f"model {model.name!r} sets neither model.pretrained nor model.build")
     if not isinstance(pipe, pipe_cls):
         raise ModelLoadError(f"model {model.name!r} loaded a {type(pipe).__name__}, "
                              f"expected {model.pipeline}")
     if model.scheduler:
         scheduler_cls = getattr(diffusers, model.scheduler)
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
-    if not model.pretrained and dtype != torch.float32:
+    if model.build and not model.pretrained and dtype != torch.float32:
         pipe.to(dtype=dtype)  # twins are built in float32; real weights load in their dtype
     pipe.to(device=device)
     pipe.set_progress_bar_config(disable=True)

@@ -188,10 +188,48 @@ def tiny_sana(seed: int = 0) -> SanaPipeline:
     )
 
 
-TINY_BUILDERS: dict[str, callable] = {"sd15": tiny_sd15, "sdxl": tiny_sdxl, "sana": tiny_sana}
+def sd15_random(seed: int = 0) -> StableDiffusionPipeline:
+    """SD1.5 at full size with random weights: for timing on a GPU, never for images."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=clip_tokenizer(), unet=unet,
+        scheduler=DDIMScheduler(**_SD_SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
-def build_tiny(family: str, seed: int = 0) -> DiffusionPipeline:
-    if family not in TINY_BUILDERS:
-        raise ValueError(f"no tiny twin for family {family!r}; valid: {sorted(TINY_BUILDERS)}")
-    return TINY_BUILDERS[family](seed)
+BUILDERS = {
+    "tiny_sd15": tiny_sd15,
+    "tiny_sdxl": tiny_sdxl,
+    "tiny_sana": tiny_sana,
+    "sd15_random": sd15_random,
+}
+
+
+def build_random(name: str, seed: int = 0) -> DiffusionPipeline:
+    """A random-weight pipeline by builder name (`model.build`)."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown model.build {name!r}; valid: {sorted(BUILDERS)}")
+    return BUILDERS[name](seed)

@@ -1,0 +1,41 @@
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_help_lists_groups_and_subcommands():
+    result = run(sys.executable, "-m", "icm_lab", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "python -m icm_lab layers" in result.stdout
+    assert "model: " in result.stdout and "tiny_sd15" in result.stdout
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "icm-lab"
+    assert script.exists(), "pip install -e . should install the icm-lab console script"
+    result = run(str(script), "layers", "model=tiny_sana")
+    assert result.returncode == 0, result.stderr
+    assert "tiny_sana: 8 hook points" in result.stdout
+    assert "transformer_blocks.3.attn2" in result.stdout
+
+
+def test_default_run_reports_where_results_are(tmp_path):
+    result = run(sys.executable, "-m", "icm_lab", "collect.n_images=4", "model.steps=3",
+                 f"paths.root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr
+    assert f"results in {tmp_path / 'run'}" in result.stdout
+    assert (tmp_path / "run" / "collect" / "store" / "meta.json").exists()
+    assert (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_bad_stage_fails_with_a_clear_message(tmp_path):
+    result = run(sys.executable, "-m", "icm_lab", "stages=[steer]", f"paths.root={tmp_path}",
+                 f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode != 0
+    assert "unknown stage(s) ['steer']; available stages: ['collect']" in result.stderr

@@ -1,0 +1,160 @@
+import numpy as np
+import pytest
+import torch
+from diffusers import HeunDiscreteScheduler
+
+from icm_lab.hooks import DenoiserHooks, Intervention
+from icm_lab.models.loading import pipeline_call_kwargs
+
+PROMPTS = ["a photo of a person", "a portrait of someone", "a face of a tourist"]
+
+
+def generate(pipe, cfg, steps, guidance, prompts=PROMPTS, output_type="np"):
+    kwargs = pipeline_call_kwargs(cfg) | {"num_inference_steps": steps, "guidance_scale": guidance}
+    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    return pipe(prompts, generator=generators, output_type=output_type, **kwargs).images
+
+
+@pytest.mark.parametrize("name", ["tiny_sd15", "tiny_sdxl", "tiny_sana"])
+def test_recorded_shapes(name, tiny):
+    pipe, registry, cfg = tiny(name)
+    with DenoiserHooks(pipe, registry, record=registry.names()) as hooks:
+        generate(pipe, cfg, steps=4, guidance=5.0)
+    recording = hooks.recording()
+    assert list(recording) == registry.names()
+    for layer in registry:
+        assert recording[layer.name].shape == (len(PROMPTS), 4, layer.width)
+        assert recording[layer.name].dtype == np.float16
+
+
+@pytest.mark.parametrize("name", ["tiny_sd15", "tiny_sana"])
+@pytest.mark.parametrize("guidance", [5.0, 1.0])
+@pytest.mark.parametrize("steps", [3, 7, 12])
+def test_step_index_comes_from_the_timestep(name, guidance, steps, tiny):
+    """At every denoiser call the engine's step is the index of the timestep being denoised."""
+    pipe, registry, cfg = tiny(name)
+    seen = []
+    with DenoiserHooks(pipe, registry, record=registry.names("attn1")[:1]) as hooks:
+        def spy(module, args, kwargs):
+            timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+            seen.append((hooks.state.step, float(torch.as_tensor(timestep).reshape(-1)[0]),
+                         hooks.state.cfg, hooks.state.batch))
+
+        # Registered after the engine's pre-hook, so it runs after the step is set.
+        handle = hooks.net.register_forward_pre_hook(spy, with_kwargs=True)
+        try:
+            generate(pipe, cfg, steps=steps, guidance=guidance)
+        finally:
+            handle.remove()
+    timesteps = pipe.scheduler.timesteps.float()
+    assert [s for s, *_ in seen] == list(range(steps))
+    for step, timestep, cfg_on, batch in seen:
+        assert abs(timesteps[step].item() - timestep) < 1e-3 * max(1.0, timestep) + 4
+        assert cfg_on == (guidance > 1)
+        assert batch == len(PROMPTS) * (2 if guidance > 1 else 1)
+    assert hooks.recording()[registry.names("attn1")[0]].shape[1] == steps
+
+
+def test_multi_evaluation_sampler_counts_steps_not_calls(tiny):
+    pipe, registry, cfg = tiny("tiny_sd15")
+    original = pipe.scheduler
+    pipe.scheduler = HeunDiscreteScheduler.from_config(original.config)
+    try:
+        with DenoiserHooks(pipe, registry, record=registry.names("attn1")) as hooks:
+            generate(pipe, cfg, steps=5, guidance=5.0)
+    finally:
+        pipe.scheduler = original
+    assert hooks.state.n_steps == 5
+    assert hooks.recording()[registry.names("attn1")[0]].shape[1] == 5
+
+
+def test_records_the_conditional_half(tiny):
+    pipe, registry, cfg = tiny("tiny_sd15")
+    layer = "up_blocks.1.attentions.0.transformer_blocks.0.attn1"
+    module = dict(pipe.unet.named_modules())[layer]
+    outputs = []
+    handle = module.register_forward_hook(lambda m, a, out: outputs.append(out.detach().clone()))
+    try:
+        with DenoiserHooks(pipe, registry, record=[layer]) as hooks:
+            generate(pipe, cfg, steps=3, guidance=5.0)
+    finally:
+        handle.remove()
+    recorded = hooks.recording()[layer]
+    n = len(PROMPTS)
+    for step, full in enumerate(outputs):
+        assert full.shape[0] == 2 * n
+        cond, uncond = full[n:].mean(dim=1), full[:n].mean(dim=1)
+        np.testing.assert_allclose(recorded[:, step], cond.half().numpy(), rtol=1e-3, atol=1e-4)
+        assert not np.allclose(recorded[:, step], uncond.half().numpy(), atol=1e-3)
+
+
+def test_add_changes_only_chosen_samples_from_start(tiny):
+    pipe, registry, cfg = tiny("tiny_sd15")
+    layer = registry["mid_block.attentions.0.transformer_blocks.0.attn1"]
+    steps, start = 8, 4
+    vectors = torch.zeros(len(PROMPTS), layer.width)
+    vectors[1] = 3.0  # steer sample 1 only
+    intervention = Intervention(layer.name, vectors, start=start)
+
+    with DenoiserHooks(pipe, registry, record=registry.names()) as base_hooks:
+        base_images = generate(pipe, cfg, steps, 5.0)
+    with DenoiserHooks(pipe, registry, record=registry.names(),
+                       interventions=[intervention]) as hooks:
+        images = generate(pipe, cfg, steps, 5.0)
+    base, steered = base_hooks.recording(), hooks.recording()
+
+    for name in registry.names():
+        for sample in (0, 2):
+            assert np.array_equal(base[name][sample], steered[name][sample])
+        assert np.array_equal(base[name][1, :start], steered[name][1, :start])
+    target = steered[layer.name][1, start:].astype(np.float32)
+    shift = target - base[layer.name][1, start:].astype(np.float32)
+    np.testing.assert_allclose(shift, 3.0, atol=2e-2)  # recorded after the addition
+    assert np.array_equal(images[0], base_images[0]) and np.array_equal(images[2], base_images[2])
+    assert not np.array_equal(images[1], base_images[1])
+
+
+def test_per_step_vectors_and_renorm_keep_token_norms(tiny):
+    pipe, registry, cfg = tiny("tiny_sd15")
+    layer = registry["up_blocks.1.attentions.1.transformer_blocks.0.attn1"]
+    module = dict(pipe.unet.named_modules())[layer.name]
+    vectors = torch.randn(len(PROMPTS), 3, layer.width, generator=torch.Generator().manual_seed(0))
+    before, after = [], []
+
+    def spy(store):
+        return lambda m, a, out: store.append(out.detach().clone())
+
+    first = module.register_forward_hook(spy(before))  # runs before the engine's hook
+    try:
+        intervention = Intervention(layer.name, 10 * vectors, start=1, renorm=True, halves="both")
+        with DenoiserHooks(pipe, registry, interventions=[intervention]):
+            last = module.register_forward_hook(spy(after))  # runs after it
+            generate(pipe, cfg, steps=3, guidance=5.0)
+            last.remove()
+    finally:
+        first.remove()
+    assert torch.equal(before[0], after[0])  # step 0 is before the window
+    for step in (1, 2):
+        assert not torch.allclose(before[step], after[step])
+        torch.testing.assert_close(after[step].norm(dim=-1), before[step].norm(dim=-1))
+        # Both CFG halves got the same per-step vector before renormalisation.
+        n = len(PROMPTS)
+        direction = (after[step] - before[step])[:n].mean(dim=1)
+        assert torch.nn.functional.cosine_similarity(direction, vectors[:, step]).min() > 0.5
+
+
+def test_hooks_are_removed_on_exceptions(tiny):
+    pipe, registry, cfg = tiny("tiny_sd15")
+    modules = [pipe.unet, *pipe.unet.modules()]
+    bad = Intervention(registry.names("attn1")[0], torch.ones(5, registry.select("attn1")[0].width))
+    with pytest.raises(ValueError, match="conditional batch has 3"):
+        with DenoiserHooks(pipe, registry, record=registry.names(), interventions=[bad]):
+            generate(pipe, cfg, steps=2, guidance=5.0)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
+
+
+def test_intervention_rejects_bad_vectors(tiny):
+    with pytest.raises(ValueError, match="NaN"):
+        Intervention("mid_block", torch.tensor([[float("nan"), 1.0]]))
+    with pytest.raises(ValueError, match="shape"):
+        Intervention("mid_block", torch.ones(4))
