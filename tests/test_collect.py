@@ -48,6 +48,18 @@ def test_collect_writes_store_images_and_table(tmp_path):
     assert store.meta["provenance"]["model"] == "tiny_sd15"
 
 
+@pytest.mark.parametrize("model,concept", [("tiny_sdxl", "age"), ("tiny_sana", "race")])
+def test_collect_other_models_and_multiclass_concepts(model, concept, tmp_path):
+    store = run_collect(tmp_path, f"model={model}", f"concept={concept}", "collect.n_images=4")
+    classes = make_config(f"concept={concept}").concept.classes
+    probs = store.samples[[f"p_{k}" for k in classes]]
+    np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-5)
+    assert set(store.samples["label"]) <= {*classes, "undecided"}
+    assert {layer.kind for layer in store.layers} >= {"attn1", "attn2"}
+    assert store.meta["provenance"] == {"stage": "collect", "model": model, "concept": concept,
+                                        "fingerprint": store.root.name.rsplit("-", 1)[1]}
+
+
 def test_rerun_reuses_the_store(tmp_path):
     first = run_collect(tmp_path)
     stamp = (first.root / "store" / "meta.json").stat().st_mtime_ns

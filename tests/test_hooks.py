@@ -88,9 +88,10 @@ def test_records_the_conditional_half(tiny):
         assert not np.allclose(recorded[:, step], uncond.half().numpy(), atol=1e-3)
 
 
-def test_add_changes_only_chosen_samples_from_start(tiny):
+@pytest.mark.parametrize("name", ["mid_block.attentions.0.transformer_blocks.0.attn1", "mid_block"])
+def test_add_changes_only_chosen_samples_from_start(name, tiny):
     pipe, registry, cfg = tiny("tiny_sd15")
-    layer = registry["mid_block.attentions.0.transformer_blocks.0.attn1"]
+    layer = registry[name]
     steps, start = 8, 4
     vectors = torch.zeros(len(PROMPTS), layer.width)
     vectors[1] = 3.0  # steer sample 1 only

@@ -84,3 +84,21 @@ def test_layers_command_prints_the_registry(capsys):
     out = capsys.readouterr().out
     assert "tiny_sd15: 33 hook points" in out
     assert "up_blocks.1.attentions.0.transformer_blocks.0.attn1" in out
+
+
+def test_full_size_sd15_registry_matches_the_paper_architecture():
+    with torch.device("meta"):  # the real architecture, no memory, no weights
+        from icm_lab.models.tiny import sd15_random
+
+        pipe = sd15_random()
+    table = layer_registry(pipe, 512).table()
+    assert table.kind.value_counts().to_dict() == {"attn1": 16, "attn2": 16, "bottleneck": 1}
+    assert sorted(set(table.width)) == [320, 640, 1280]
+    paper = table.set_index("name").loc[list(make_config("layers=paper_sd15").layers.select)]
+    assert list(paper.width) == [1280, 1280, 1280] and list(paper.resolution) == [8, 16, 16]
+
+
+def test_experiment_is_a_delta_over_the_defaults():
+    cfg = make_config("experiment=paper_sd15_gender")
+    assert cfg.model.name == "sd15" and cfg.clip.model == "ViT-L-14"
+    assert len(cfg.layers.select) == 3 and cfg.collect.n_images == 1000
