@@ -7,7 +7,7 @@ denoiser more than once per step. The same pre-hook reads `pipe.do_classifier_fr
 know whether the batch is CFG-doubled, `[uncond | cond]` in diffusers, and so which rows are the
 conditional half.
 
-    with DenoiserHooks(pipe, record=names, interventions=[...]) as hooks:
+    with DenoiserHooks(pipe, record=names, interventions=[AddVector(...)]) as hooks:
         images = pipe(prompts, ...).images
     activations = hooks.recording()   # {layer: float16 array [batch, steps, width]}
 
@@ -28,9 +28,25 @@ from diffusers import DiffusionPipeline
 from icm_lab.models.layers import LayerRegistry, denoiser
 
 
-@dataclass
 class Intervention:
-    """Add a vector to every token of one layer's output: plain data, pyvene-style.
+    """An edit to one layer during a step window: plain, serialisable data (pyvene-style).
+    Each kind knows how to hook itself onto its module."""
+
+    layer: str
+    start: int
+    end: int | None
+
+    def active(self, state: StepState) -> bool:
+        end = state.n_steps if self.end is None else self.end
+        return self.start <= state.step < end
+
+    def attach(self, module: torch.nn.Module, state: StepState, net: torch.nn.Module):
+        raise NotImplementedError
+
+
+@dataclass
+class AddVector(Intervention):
+    """Add a vector to every token of one layer's output.
 
     `vectors` is `[batch, width]` (the same every step) or `[batch, steps, width]`, one row per
     conditional sample. A sample whose row is all zeros is left untouched, so one batch can hold
@@ -56,6 +72,42 @@ class Intervention:
             raise ValueError(f"intervention on {self.layer}: vectors hold NaN or infinity")
         if self.halves not in ("cond", "both"):
             raise ValueError(f"halves must be 'cond' or 'both', got {self.halves!r}")
+
+    def attach(self, module: torch.nn.Module, state: StepState, net: torch.nn.Module):
+        return module.register_forward_hook(_AddHook(self, state, net))
+
+
+@dataclass
+class SwapContext(Intervention):
+    """Replace the text context (`encoder_hidden_states`) that reaches one cross-attention layer,
+    on the conditional half only: the explicit-conditioning baseline. `context` is
+    `[batch, tokens, dim]`, one row per conditional sample, from the pipeline's own encoder."""
+
+    layer: str
+    context: torch.Tensor
+    start: int = 0
+    end: int | None = None
+
+    def attach(self, module: torch.nn.Module, state: StepState, net: torch.nn.Module):
+        param = next(net.parameters())
+        context = self.context.to(param.device, param.dtype)
+
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict):
+            if not self.active(state):
+                return None
+            original = kwargs.get("encoder_hidden_states")
+            if original is None:
+                raise ValueError(f"{self.layer} gets no encoder_hidden_states: not an attn2 layer")
+            if context.shape[0] != state.cond_batch or context.shape[1:] != original.shape[1:]:
+                raise ValueError(
+                    f"context for {self.layer} has shape {tuple(context.shape)}; the layer "
+                    f"expects [{state.cond_batch}, {', '.join(map(str, original.shape[1:]))}]"
+                )
+            swapped = original.clone()
+            swapped[state.cond_rows] = context
+            return args, {**kwargs, "encoder_hidden_states": swapped}
+
+        return module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 @dataclass
@@ -119,8 +171,8 @@ class DenoiserHooks:
         # Interventions first, so a layer that is both steered and recorded records its output
         # after steering.
         for intervention in self.interventions:
-            bound = _BoundIntervention(intervention, self.state, self.net)
-            self._handles.append(modules[intervention.layer].register_forward_hook(bound))
+            module = modules[intervention.layer]
+            self._handles.append(intervention.attach(module, self.state, self.net))
         for layer in self.record_layers:
             hook = self._record_hook(layer.name)
             self._handles.append(modules[layer.name].register_forward_hook(hook))
@@ -192,10 +244,10 @@ class DenoiserHooks:
         }
 
 
-class _BoundIntervention:
-    """The forward hook that applies one Intervention, with its vectors moved to the device once."""
+class _AddHook:
+    """The forward hook that applies one AddVector, with its vectors moved to the device once."""
 
-    def __init__(self, intervention: Intervention, state: StepState, net: torch.nn.Module):
+    def __init__(self, intervention: AddVector, state: StepState, net: torch.nn.Module):
         self.spec = intervention
         self.state = state
         param = next(net.parameters())
@@ -205,8 +257,7 @@ class _BoundIntervention:
 
     def __call__(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
         spec, state = self.spec, self.state
-        end = state.n_steps if spec.end is None else spec.end
-        if not spec.start <= state.step < end or len(self.active) == 0:
+        if not spec.active(state) or len(self.active) == 0:
             return None
         if len(self.vectors) != state.cond_batch:
             raise ValueError(

@@ -3,7 +3,7 @@ import pytest
 import torch
 from diffusers import HeunDiscreteScheduler
 
-from icm_lab.hooks import DenoiserHooks, Intervention
+from icm_lab.hooks import AddVector, DenoiserHooks
 from icm_lab.models.loading import pipeline_call_kwargs
 
 PROMPTS = ["a photo of a person", "a portrait of someone", "a face of a tourist"]
@@ -95,7 +95,7 @@ def test_add_changes_only_chosen_samples_from_start(name, tiny):
     steps, start = 8, 4
     vectors = torch.zeros(len(PROMPTS), layer.width)
     vectors[1] = 3.0  # steer sample 1 only
-    intervention = Intervention(layer.name, vectors, start=start)
+    intervention = AddVector(layer.name, vectors, start=start)
 
     with DenoiserHooks(pipe, registry, record=registry.names()) as base_hooks:
         base_images = generate(pipe, cfg, steps, 5.0)
@@ -127,7 +127,7 @@ def test_per_step_vectors_and_renorm_keep_token_norms(tiny):
 
     first = module.register_forward_hook(spy(before))  # runs before the engine's hook
     try:
-        intervention = Intervention(layer.name, 10 * vectors, start=1, renorm=True, halves="both")
+        intervention = AddVector(layer.name, 10 * vectors, start=1, renorm=True, halves="both")
         with DenoiserHooks(pipe, registry, interventions=[intervention]):
             last = module.register_forward_hook(spy(after))  # runs after it
             generate(pipe, cfg, steps=3, guidance=5.0)
@@ -147,7 +147,7 @@ def test_per_step_vectors_and_renorm_keep_token_norms(tiny):
 def test_hooks_are_removed_on_exceptions(tiny):
     pipe, registry, cfg = tiny("tiny_sd15")
     modules = [pipe.unet, *pipe.unet.modules()]
-    bad = Intervention(registry.names("attn1")[0], torch.ones(5, registry.select("attn1")[0].width))
+    bad = AddVector(registry.names("attn1")[0], torch.ones(5, registry.select("attn1")[0].width))
     with pytest.raises(ValueError, match="conditional batch has 3"):
         with DenoiserHooks(pipe, registry, record=registry.names(), interventions=[bad]):
             generate(pipe, cfg, steps=2, guidance=5.0)
@@ -156,6 +156,47 @@ def test_hooks_are_removed_on_exceptions(tiny):
 
 def test_intervention_rejects_bad_vectors(tiny):
     with pytest.raises(ValueError, match="NaN"):
-        Intervention("mid_block", torch.tensor([[float("nan"), 1.0]]))
+        AddVector("mid_block", torch.tensor([[float("nan"), 1.0]]))
     with pytest.raises(ValueError, match="shape"):
-        Intervention("mid_block", torch.ones(4))
+        AddVector("mid_block", torch.ones(4))
+
+
+@pytest.mark.parametrize("name", ["tiny_sd15", "tiny_sdxl", "tiny_sana"])
+def test_swap_context_reaches_one_layer_on_the_conditional_half(name, tiny):
+    from icm_lab.hooks import SwapContext
+    from icm_lab.models.text import cross_attention_context
+
+    pipe, registry, cfg = tiny(name)
+    call_kwargs = pipeline_call_kwargs(cfg)
+    target = registry.names("attn2")[-1]
+    module = dict(hooks_net(pipe).named_modules())[target]
+    seen = []
+    spy = module.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["encoder_hidden_states"].clone()), with_kwargs=True
+    )
+    try:
+        # The pipeline's own context, swapped in unchanged, must change nothing at all.
+        same = cross_attention_context(pipe, PROMPTS, call_kwargs)
+        with DenoiserHooks(pipe, registry, interventions=[SwapContext(target, same)]):
+            generate(pipe, cfg, steps=2, guidance=5.0)
+        assert len(seen) == 2
+        n = len(PROMPTS)
+        torch.testing.assert_close(seen[0][n:], same, rtol=1e-5, atol=1e-5)
+
+        explicit = cross_attention_context(pipe, ["a photo of a woman"] * n, call_kwargs)
+        with DenoiserHooks(pipe, registry, record=[target],
+                           interventions=[SwapContext(target, explicit)]) as hooks:
+            generate(pipe, cfg, steps=2, guidance=5.0)
+    finally:
+        spy.remove()
+    # The spy ran before the swap (registered first), so check what the layer then recorded.
+    with DenoiserHooks(pipe, registry, record=[target]) as base:
+        generate(pipe, cfg, steps=2, guidance=5.0)
+    assert not np.array_equal(hooks.recording()[target], base.recording()[target])
+    with pytest.raises(ValueError, match="expects"):
+        with DenoiserHooks(pipe, registry, interventions=[SwapContext(target, explicit[:1])]):
+            generate(pipe, cfg, steps=1, guidance=5.0)
+
+
+def hooks_net(pipe):
+    return getattr(pipe, "unet", None) or pipe.transformer
