@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from omegaconf import DictConfig
@@ -18,6 +18,18 @@ class Concept:
     classifier_texts: dict[str, tuple[str, ...]]  # the labeler's text group per class
     eval_prompts: tuple[str, ...]
     target: np.ndarray  # target distribution over classes
+    templates: tuple[str, ...] = ()
+    template_of: dict[str, int] = field(default_factory=dict, repr=False)  # neutral -> template
+
+    def explicit_for(self, neutral_prompt: str, class_name: str) -> str:
+        """The neutral prompt's template filled with the class's first word: "a photo of a
+        person" -> "a photo of a woman"."""
+        if class_name not in self.classes:
+            raise ValueError(f"unknown class {class_name!r}; valid: {list(self.classes)}")
+        if neutral_prompt not in self.template_of:
+            raise ValueError(f"{neutral_prompt!r} is not a neutral prompt of {self.name!r}")
+        template = self.templates[self.template_of[neutral_prompt]]
+        return template.format(self.class_words[class_name][0])
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Concept:
@@ -40,6 +52,8 @@ class Concept:
             classifier_texts=texts,
             eval_prompts=tuple(cfg.eval_prompts),
             target=_target(cfg.get("target"), names, cfg.name),
+            templates=tuple(templates),
+            template_of={t.format(s): i for i, t in enumerate(templates) for s in cfg.subjects},
         )
 
 

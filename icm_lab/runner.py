@@ -20,6 +20,7 @@ from icm_lab.labeler import ClipLabeler
 from icm_lab.models.clip import Clip, load_clip
 from icm_lab.models.layers import LayerRegistry, layer_registry
 from icm_lab.models.loading import load_pipeline
+from icm_lab.tracking import Tracker, make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,21 @@ class RunContext:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.results: dict[str, Any] = {}
+
+    def stage(self, name: str) -> Any:
+        """A stage's artefact: from this run if it ran, else run it (it reuses its artefact on
+        disk when one matches). Stages call this for their inputs."""
+        from icm_lab.stages import STAGES
+
+        if name not in self.results:
+            log.info("stage %s", name)
+            self.results[name] = STAGES[name](self)
+        return self.results[name]
+
+    @cached_property
+    def tracker(self) -> Tracker:
+        return make_tracker(self.cfg, self.run_dir)
 
     @cached_property
     def concept(self) -> Concept:
@@ -76,13 +92,15 @@ def validate_stages(stages: list[str]) -> list[str]:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run the configured stages in order and return their artefacts by stage name."""
-    from icm_lab.stages import STAGES
-
     stages = validate_stages(list(cfg.stages))
     ctx = RunContext(cfg, run_dir)
     (ctx.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    results = {}
-    for stage in stages:
-        log.info("stage %s", stage)
-        results[stage] = STAGES[stage](ctx)
-    return results
+    exit_code = 1
+    try:
+        for stage in stages:
+            ctx.stage(stage)
+        exit_code = 0
+    finally:
+        if "tracker" in ctx.__dict__:  # only if a stage started one
+            ctx.tracker.finish(exit_code=exit_code)
+    return {stage: ctx.results[stage] for stage in stages}

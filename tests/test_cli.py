@@ -26,16 +26,19 @@ def test_console_script_is_installed():
 
 
 def test_default_run_reports_where_results_are(tmp_path):
-    result = run(sys.executable, "-m", "icm_lab", "collect.n_images=4", "model.steps=3",
-                 f"paths.root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}")
+    """What `make run` does, with only the output paths moved."""
+    result = run(sys.executable, "-m", "icm_lab", f"paths.root={tmp_path}",
+                 f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 0, result.stderr
     assert f"results in {tmp_path / 'run'}" in result.stdout
     assert (tmp_path / "run" / "collect" / "store" / "meta.json").exists()
     assert (tmp_path / "run" / "config.yaml").exists()
+    assert (tmp_path / "run" / "localize" / "separability.png").exists()
+    assert (tmp_path / "run" / "layer_ranking.png").exists()
 
 
 def test_bad_stage_fails_with_a_clear_message(tmp_path):
     result = run(sys.executable, "-m", "icm_lab", "stages=[steer]", f"paths.root={tmp_path}",
                  f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode != 0
-    assert "unknown stage(s) ['steer']; available stages: ['collect']" in result.stderr
+    assert "unknown stage(s) ['steer']; available stages: ['collect', 'localize']" in result.stderr

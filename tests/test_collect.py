@@ -17,7 +17,7 @@ from icm_lab.store import ActivationStore
 from tests.conftest import make_config
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["collect.n_images=12", "collect.batch_size=2", "model.steps=6"]
+SMALL = ["collect.n_images=12", "collect.batch_size=2", "model.steps=6", "stages=[collect]"]
 
 
 def run_collect(tmp_path: Path, *overrides: str):
@@ -116,7 +116,7 @@ def test_nonpositive_n_images_is_refused(n, tmp_path):
 
 
 def test_unknown_stage_lists_the_available_ones(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['localise'\].*collect"):
+    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['localise'\].*localize"):
         run_collect(tmp_path, "stages=[collect,localise]")
 
 

@@ -1,0 +1,96 @@
+"""Figures people would rather look at than read. All are written as PNG and returned by path."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+KIND_COLOURS = {"attn1": "tab:blue", "attn2": "tab:orange", "bottleneck": "tab:green"}
+
+
+def short_name(layer: str) -> str:
+    """`up_blocks.1.attentions.0.transformer_blocks.0.attn1` -> `up1.a0.t0`."""
+    name = re.sub(r"(down|up)_blocks\.(\d+)", r"\1\2", layer)
+    name = name.replace("mid_block", "mid").replace("transformer_blocks.", "t")
+    name = name.replace("attentions.", "a")
+    return re.sub(r"\.attn[12]$", "", name)
+
+
+def separability_heatmaps(scores: pd.DataFrame, path: Path, score: str = "balanced_accuracy",
+                          title: str = "") -> Path:
+    """Layers x steps heatmaps of probe scores, attn1 and attn2 side by side, one colour scale."""
+    kinds = [k for k in ("attn1", "attn2") if (scores["kind"] == k).any()]
+    lo, hi = min(0.5, scores[score].min()), max(scores[score].max(), 0.5 + 1e-3)
+    n_layers = max((scores["kind"] == k).groupby(scores["layer"]).any().sum() for k in kinds)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 1.5 + 0.28 * n_layers),
+                             squeeze=False, constrained_layout=True)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        table = scores[scores["kind"] == kind].pivot(index="layer", columns="step", values=score)
+        table = table.loc[list(dict.fromkeys(scores.loc[scores["kind"] == kind, "layer"]))]
+        image = ax.imshow(table.to_numpy(), aspect="auto", cmap="viridis", vmin=lo, vmax=hi)
+        ax.set_yticks(range(len(table)), [short_name(n) for n in table.index], fontsize=7)
+        ax.set_xlabel("denoising step")
+        ax.set_title(f"{kind} ({'self' if kind == 'attn1' else 'cross'}-attention)")
+    fig.colorbar(image, ax=axes[0].tolist(), label=score.replace("_", " "))
+    fig.suptitle(title or "Attribute separability per layer and step")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def layer_ranking(ranking: pd.DataFrame, path: Path, score: str = "balanced_accuracy",
+                  selected: list[str] = (), title: str = "") -> Path:
+    """Horizontal bars of each layer's window-mean score, best at the top, coloured by kind."""
+    fig, ax = plt.subplots(figsize=(7, 1 + 0.25 * len(ranking)), constrained_layout=True)
+    order = ranking.iloc[::-1]
+    colours = [KIND_COLOURS.get(k, "grey") for k in order["kind"]]
+    bars = ax.barh(range(len(order)), order[score], color=colours)
+    for bar, layer in zip(bars, order["layer"], strict=True):
+        if layer in selected:
+            bar.set_edgecolor("black")
+            bar.set_linewidth(2)
+    labels = [f"{short_name(n)} {k}" for n, k in zip(order["layer"], order["kind"], strict=True)]
+    ax.set_yticks(range(len(order)), labels, fontsize=7)
+    ax.set_xlim(min(0.5, order[score].min()) - 0.02, 1.0)
+    ax.set_xlabel(f"mean {score.replace('_', ' ')} over the steering window")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in KIND_COLOURS.values()]
+    ax.legend(handles, KIND_COLOURS, loc="lower right", fontsize=8)
+    ax.set_title(title or "Layers ranked by separability (outlined: selected)")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def explicit_swap_comparison(swap: pd.DataFrame, implicit: pd.DataFrame, path: Path,
+                             score: str = "balanced_accuracy") -> Path:
+    """Per attn2 layer: how often swapping in an explicit prompt there yields the class
+    (explicit conditioning), beside the layer's implicit separability."""
+    layers = list(dict.fromkeys(swap["layer"]))
+    classes = list(dict.fromkeys(swap["class"]))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 1.5 + 0.3 * len(layers)), sharey=True,
+                                      constrained_layout=True)
+    height = 0.8 / len(classes)
+    for i, name in enumerate(classes):
+        rows = swap[swap["class"] == name].set_index("layer").loc[layers]
+        left.barh(np.arange(len(layers)) + i * height, rows["rate"], height=height, label=name)
+        left.axvline(rows["base_rate"].iloc[0], color=f"C{i}", linestyle=":", linewidth=1)
+    left.set_yticks(np.arange(len(layers)) + 0.4 - height / 2, [short_name(n) for n in layers],
+                    fontsize=7)
+    left.set_xlabel("share of images showing the class (dotted: no swap)")
+    left.set_title("Explicit conditioning: swap one attn2 layer's text")
+    left.legend(fontsize=8)
+    mean = implicit.groupby("layer")[score].mean().reindex(layers)
+    right.barh(np.arange(len(layers)) + 0.4 - height / 2, mean, color="tab:orange")
+    right.set_xlabel(f"mean {score.replace('_', ' ')} over all steps")
+    right.set_title("Implicit choice: probe separability at the same layers")
+    left.invert_yaxis()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

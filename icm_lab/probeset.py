@@ -1,0 +1,80 @@
+"""Saved probes: weights, standardisation and steering directions per layer, with provenance.
+
+    probes.safetensors   per layer L, all [steps, ...]:
+                           L/mean [S, W], L/scale [S, W]        standardisation
+                           L/weight [S, W, O], L/bias [S, O]   probe on standardised features
+                           L/direction [S, K, W]               unit steering direction per class,
+                                                               in raw activation space
+                         metadata: provenance, classes, backend
+    scores.parquet/.csv  one row per (layer, step): balanced_accuracy, accuracy, auroc, ...
+    meta.json            written last: the artefact is complete
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from icm_lab.artefacts import Provenance, read_json, write_json_atomic
+from icm_lab.probes import ProbeFit
+
+
+class ProbeSet:
+    FILE = "probes.safetensors"
+
+    def __init__(self, root: Path, expect: Provenance | None = None):
+        self.root = Path(root)
+        if not self.is_complete(self.root):
+            raise FileNotFoundError(f"no complete probe set at {self.root} (no meta.json)")
+        self.meta = read_json(self.root / "meta.json")
+        if expect is not None:
+            expect.check(self.meta["provenance"], self.root)
+        self.classes: list[str] = self.meta["classes"]
+        self.layers: list[str] = self.meta["layers"]
+        self.scores = pd.read_parquet(self.root / "scores.parquet")
+
+    @staticmethod
+    def is_complete(root: Path) -> bool:
+        return (Path(root) / "meta.json").exists()
+
+    def _tensor(self, layer: str, field: str) -> torch.Tensor:
+        if layer not in self.layers:
+            raise KeyError(f"no probes for layer {layer!r} in {self.root}; "
+                           f"probed layers: {self.layers}")
+        with safe_open(self.root / self.FILE, framework="pt") as f:
+            return f.get_tensor(f"{layer}/{field}")
+
+    def directions(self, layer: str) -> torch.Tensor:
+        """`[steps, classes, width]` unit directions in raw activation space."""
+        return self._tensor(layer, "direction")
+
+    def fit(self, layer: str) -> ProbeFit:
+        """The layer's probes, one per step, as a batch of P = steps probes."""
+        return ProbeFit(*(self._tensor(layer, f) for f in ("mean", "scale", "weight", "bias")))
+
+    @classmethod
+    def write(cls, root: Path, provenance: Provenance, classes: list[str], backend: str,
+              fits: dict[str, ProbeFit], scores: pd.DataFrame) -> ProbeSet:
+        root.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for layer, fit in fits.items():
+            tensors |= {f"{layer}/mean": fit.mean, f"{layer}/scale": fit.scale,
+                        f"{layer}/weight": fit.weight, f"{layer}/bias": fit.bias,
+                        f"{layer}/direction": fit.directions(len(classes))}
+        tensors = {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}
+        metadata = {"provenance": json.dumps(asdict(provenance)), "classes": json.dumps(classes),
+                    "backend": backend}
+        save_file(tensors, root / cls.FILE, metadata=metadata)
+        scores.to_parquet(root / "scores.parquet", index=False)
+        scores.to_csv(root / "scores.csv", index=False)
+        write_json_atomic(root / "meta.json", {
+            "provenance": asdict(provenance), "classes": classes, "backend": backend,
+            "layers": list(fits), "n_steps": int(scores["step"].max()) + 1,
+        })
+        return cls(root, expect=provenance)

@@ -1,0 +1,236 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+
+from icm_lab.artefacts import ArtefactMismatchError, Provenance
+from icm_lab.models.layers import UnknownLayerError
+from icm_lab.probes import fit_probes, scores
+from icm_lab.probeset import ProbeSet
+from icm_lab.runner import RunContext, run
+from icm_lab.selection import rank_layers, select_layers, step_window
+from icm_lab.splits import split_indices
+from icm_lab.store import ActivationStore, StoreWriter
+from tests.conftest import make_config
+
+PLANTED = "up_blocks.1.attentions.0.transformer_blocks.0.attn1"
+
+
+def planted_batch(P=6, N=600, W=48, n_classes=2, seed=0, strength=1.5):
+    """Isotropic noise plus a class-dependent shift along one direction per class."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, n_classes, (N,), generator=g)
+    directions = torch.nn.functional.normalize(torch.randn(n_classes, W, generator=g), dim=1)
+    x = torch.randn(P, N, W, generator=g) + strength * directions[y][None]
+    return x, y, directions
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_logreg_agrees_with_sklearn(n_classes):
+    x, y, _ = planted_batch(n_classes=n_classes, strength=torch.linspace(0, 1, 6)[:, None, None])
+    train, test = np.arange(0, 480), np.arange(480, 600)
+    results = {}
+    for backend in ("logreg", "sklearn"):
+        fit = fit_probes(backend, x[:, train], y[train], n_classes)
+        results[backend] = (fit, scores(fit.logits(x[:, test]), y[test], n_classes))
+    (ours, our_scores), (ref, ref_scores) = results["logreg"], results["sklearn"]
+    for key in ("balanced_accuracy", "accuracy", "auroc"):
+        assert (our_scores[key] - ref_scores[key]).abs().mean() <= 0.02, key
+    cos = torch.nn.functional.cosine_similarity(ours.directions(n_classes),
+                                                ref.directions(n_classes), dim=-1)
+    assert cos[1:].min() > 0.95  # probe 0 has no signal: its direction is noise for both
+
+
+@pytest.mark.parametrize("backend", ["logreg", "sklearn", "mean_diff"])
+def test_backends_recover_planted_directions(backend):
+    x, y, planted = planted_batch(n_classes=3, N=1500, W=32, strength=3.0)
+    fit = fit_probes(backend, x[:, :1200], y[:1200], 3)
+    directions = fit.directions(3)  # [P, K, W]
+    # One-vs-rest: class k's direction points from the mean of the other classes to k's.
+    others = (planted.sum(0, keepdim=True) - planted) / 2
+    expected = torch.nn.functional.normalize(planted - others, dim=1)
+    cos = torch.nn.functional.cosine_similarity(directions, expected[None], dim=-1)
+    assert cos.min() >= 0.9
+    assert scores(fit.logits(x[:, 1200:]), y[1200:], 3)["balanced_accuracy"].min() > 0.8
+
+
+def test_scores_match_sklearn_metrics():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 50, 1, generator=g)
+    y = torch.randint(0, 2, (50,), generator=g)
+    ours = scores(logits, y, 2)
+    for p in range(3):
+        pred = (logits[p, :, 0] > 0).long().numpy()
+        assert ours["balanced_accuracy"][p] == pytest.approx(balanced_accuracy_score(y, pred))
+        assert ours["accuracy"][p] == pytest.approx(accuracy_score(y, pred))
+        assert ours["auroc"][p] == pytest.approx(roc_auc_score(y, logits[p, :, 0]), abs=1e-6)
+    multi = torch.randn(2, 60, 3, generator=g)
+    y3 = torch.randint(0, 3, (60,), generator=g)
+    ours = scores(multi, y3, 3)
+    for p in range(2):
+        pred = multi[p].argmax(1).numpy()
+        assert ours["balanced_accuracy"][p] == pytest.approx(balanced_accuracy_score(y3, pred))
+        ovr = np.mean([roc_auc_score(y3 == k, multi[p, :, k]) for k in range(3)])
+        assert ours["auroc"][p] == pytest.approx(ovr, abs=1e-6)
+
+
+def test_grouped_split_keeps_prompts_on_one_side():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(40), 5)
+    labels = rng.integers(0, 2, len(groups))
+    train, test = split_indices(labels, groups, "prompt", 0.2, seed=3)
+    assert not set(groups[train]) & set(groups[test])
+    assert sorted(np.concatenate([train, test])) == list(range(len(groups)))
+    assert 0.1 < len(test) / len(groups) < 0.3
+    again, _ = split_indices(labels, groups, "prompt", 0.2, seed=3)
+    assert np.array_equal(train, again)
+    other, _ = split_indices(labels, groups, "prompt", 0.2, seed=4)
+    assert not np.array_equal(np.sort(train), np.sort(other))
+    train, test = split_indices(labels, groups, "image", 0.2, seed=3)
+    assert len(test) == 40 and set(groups[train]) & set(groups[test])
+
+
+def test_split_needs_two_classes():
+    with pytest.raises(ValueError, match="at least 2 images of each of at least 2 classes"):
+        split_indices(np.zeros(10, int), np.arange(10), "prompt", 0.2, 0)
+    with pytest.raises(ValueError, match="unknown split 'person'"):
+        split_indices(np.arange(10) % 2, np.arange(10), "person", 0.2, 0)
+
+
+def planted_store(root, registry, n=400, steps=10, seed=0) -> ActivationStore:
+    """A store shaped like tiny_sd15's, with the label written into one layer from step 3 on."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    direction = rng.normal(size=registry[PLANTED].width)
+    direction /= np.linalg.norm(direction)
+    activations = {}
+    for layer in registry:
+        x = rng.normal(size=(n, steps, layer.width))
+        if layer.name == PLANTED:
+            x[:, 3:] += 2.0 * (2 * labels[:, None, None] - 1) * direction
+        activations[layer.name] = x.astype(np.float16)
+    samples = pd.DataFrame({"index": np.arange(n), "prompt_id": np.arange(n) % 20,
+                            "prompt": [f"p{i % 20}" for i in range(n)], "seed": np.arange(n),
+                            "label": np.where(labels == 1, "female", "male"),
+                            "image": "", "p_male": 0.5, "p_female": 0.5})
+    provenance = Provenance("collect", "tiny_sd15", "gender", "planted")
+    writer = StoreWriter(root, provenance, list(registry), n)
+    writer.write_shard(0, activations, samples)
+    store = writer.finalize()
+    store.planted_direction = direction
+    return store
+
+
+def planted_context(tmp_path, tiny, *overrides):
+    pipe, registry, _ = tiny("tiny_sd15")
+    cfg = make_config(f"paths.root={tmp_path}", "steer.start=0.3", *overrides)
+    ctx = RunContext(cfg, tmp_path / "run")
+    ctx.__dict__.update(pipeline=pipe, registry=registry)  # reuse the session's twin
+    ctx.results["collect"] = planted_store(tmp_path / "store", registry)
+    return ctx
+
+
+def test_localize_ranks_the_planted_layer_first(tmp_path, tiny):
+    ctx = planted_context(tmp_path, tiny)
+    probes = ctx.stage("localize")
+    window = step_window(0.3, None, 10)
+    ranking = rank_layers(probes.scores, window)
+    assert ranking["layer"].iloc[0] == PLANTED
+    assert ranking["balanced_accuracy"].iloc[0] > 0.95
+    assert ranking["balanced_accuracy"].iloc[1] < 0.75
+    female = probes.directions(PLANTED)[3:, 1].double().numpy()  # [steps, width]
+    cos = female @ ctx.results["collect"].planted_direction
+    assert cos.min() >= 0.9
+    assert np.allclose(probes.directions(PLANTED)[3:, 0], -probes.directions(PLANTED)[3:, 1])
+    selected = (tmp_path / "run" / "selected_layers.json").read_text()
+    assert PLANTED in selected
+    for figure in ("layer_ranking.png", "localize/separability.png"):
+        assert (tmp_path / "run" / figure).stat().st_size > 10_000
+    assert len(pd.read_csv(probes.root / "scores.csv")) == 33 * 10
+
+
+def test_probe_artefacts_round_trip_and_refuse_mismatches(tmp_path, tiny):
+    ctx = planted_context(tmp_path, tiny, "probe=mean_diff")
+    probes = ctx.stage("localize")
+    again = ProbeSet(probes.root, expect=Provenance(**probes.meta["provenance"]))
+    fit = again.fit(PLANTED)
+    assert fit.weight.shape == (10, 32, 1) and fit.mean.shape == (10, 32)  # up_blocks.1: 32 wide
+    assert torch.equal(again.directions(PLANTED), probes.directions(PLANTED))
+    pd.testing.assert_frame_equal(again.scores, probes.scores)
+    wrong = Provenance(**(probes.meta["provenance"] | {"concept": "age"}))
+    with pytest.raises(ArtefactMismatchError, match="concept: artefact has 'gender'"):
+        ProbeSet(probes.root, expect=wrong)
+    with pytest.raises(KeyError, match="no probes for layer"):
+        again.directions("mid_blok")
+
+
+def test_layer_selection(tiny):
+    _, registry, _ = tiny("tiny_sd15")
+    scores_table = pd.DataFrame([
+        {"layer": layer.name, "kind": layer.kind, "step": step,
+         "balanced_accuracy": 0.9 if layer.name == PLANTED and step >= 5 else 0.5}
+        for layer in registry for step in range(10)
+    ])
+    late, early = range(5, 10), range(0, 5)
+    auto = make_config("layers=auto", "layers.k=2").layers
+    assert [layer.name for layer in select_layers(auto, registry, scores_table, late)][0] == PLANTED
+    assert PLANTED not in [layer.name for layer in
+                           select_layers(make_config("layers.k=1").layers, registry,
+                                         scores_table[scores_table.step < 5], early)]
+    for option, count in [("all_attn1", 16), ("all_attn2", 16), ("all", 33), ("bottleneck", 1),
+                          ("paper_sd15", 3)]:
+        chosen = select_layers(make_config(f"layers={option}").layers, registry, None, late)
+        assert len(chosen) == count, option
+    explicit = make_config(f"layers.select=[{PLANTED},mid_block]").layers
+    assert [layer.name for layer in select_layers(explicit, registry, None, late)] == [
+        PLANTED, "mid_block"]
+    with pytest.raises(UnknownLayerError, match="Valid layers"):
+        select_layers(make_config("layers.select=[up_blocks.7.attn1]").layers, registry, None,
+                      late)
+    with pytest.raises(ValueError, match="run the localize stage"):
+        select_layers(auto, registry, None, late)
+
+
+@pytest.mark.parametrize("bad", ["1.5", "nan", "-0.1"])
+def test_steering_window_is_validated(bad):
+    with pytest.raises(ValueError, match="must be a fraction in"):
+        step_window(float(bad), None, 10)
+
+
+def test_localize_end_to_end_with_explicit_swap(tmp_path):
+    cfg = make_config(f"paths.root={tmp_path}", "collect.n_images=30", "model.steps=4",
+                      "localize.method=explicit_swap", "localize.swap_images=2")
+    probes = run(cfg, tmp_path / "run")["localize"]
+    assert set(probes.scores["step"]) == set(range(4))
+    assert probes.scores["balanced_accuracy"].between(0, 1).all()
+    assert (tmp_path / "run" / "layer_ranking.png").exists()
+    swap = pd.read_csv(tmp_path / "run" / "explicit_swap.csv")
+    assert len(swap) == 16 * 2 and swap["rate"].between(0, 1).all()
+    assert set(swap["class"]) == {"male", "female"}
+    assert (tmp_path / "run" / "explicit_swap.png").exists()
+
+
+def test_localize_end_to_end_on_sdxl_multiclass(tmp_path):
+    """Real tiny_sdxl activations; the random tiny CLIP labels everything alike, so the labels
+    are assigned by prompt here (as a labeler would) to give the probes three classes."""
+    overrides = ["model=tiny_sdxl", "concept=age", f"paths.root={tmp_path}",
+                 "collect.n_images=60", "model.steps=4", "probe=sklearn", "localize.split=image"]
+    store = run(make_config(*overrides, "stages=[collect]"), tmp_path / "run")["collect"]
+    samples = store.samples.assign(label=np.array(["young", "adult", "old"])[
+        store.samples["prompt_id"] % 3])
+    samples.to_parquet(store.root / "store" / "samples.parquet", index=False)
+    probes = run(make_config(*overrides, "stages=[localize]"), tmp_path / "run")["localize"]
+    assert probes.classes == ["young", "adult", "old"]
+    assert probes.meta["provenance"]["model"] == "tiny_sdxl"
+    layer = probes.layers[0]
+    assert probes.directions(layer).shape[:2] == (4, 3)
+    assert len(probes.scores) == len(store.layers) * 4
+
+
+def test_localize_refuses_single_class_stores(tmp_path, tiny):
+    ctx = planted_context(tmp_path, tiny)
+    store = ctx.results["collect"]
+    store.samples["label"] = "male"
+    with pytest.raises(ValueError, match="'male': 400, 'female': 0"):
+        ctx.stage("localize")
