@@ -94,3 +94,33 @@ def explicit_swap_comparison(swap: pd.DataFrame, implicit: pd.DataFrame, path: P
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def before_after_grid(before_images: list[Path], after_images: list[Path], before: list[str],
+                      after: list[str], targets: list[str], title: str, path: Path) -> Path:
+    """Two rows, same seeds: unsteered above, steered below, each labelled with its class
+    (and, below, the target it was steered to)."""
+    from PIL import Image
+
+    n = len(before_images)
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.8), squeeze=False,
+                             constrained_layout=True)
+    for i in range(n):
+        for row, image_path, caption in ((0, before_images[i], before[i]),
+                                         (1, after_images[i], after[i])):
+            ax = axes[row, i]
+            ax.imshow(Image.open(image_path).convert("RGB"))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 1 and targets[i]:
+                hit = caption == targets[i]
+                caption = f"{caption}\n(target {targets[i]})"
+                ax.spines[:].set_color("green" if hit else "red")
+                ax.spines[:].set_linewidth(2)
+            ax.set_title(caption, fontsize=7)
+    axes[0, 0].set_ylabel("base", fontsize=9)
+    axes[1, 0].set_ylabel("steered", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -41,6 +41,10 @@ class Intervention:
         return self.start <= state.step < end
 
     def attach(self, module: torch.nn.Module, state: StepState, net: torch.nn.Module):
+        raise NotImplementedError
+
+    def rows(self, start: int, stop: int) -> Intervention:
+        """The same intervention for samples `start:stop` only (one batch of a larger plan)."""
         raise NotImplementedError
 
 
@@ -76,6 +80,9 @@ class AddVector(Intervention):
     def attach(self, module: torch.nn.Module, state: StepState, net: torch.nn.Module):
         return module.register_forward_hook(_AddHook(self, state, net))
 
+    def rows(self, start: int, stop: int) -> AddVector:
+        return replace(self, vectors=self.vectors[start:stop])
+
 
 @dataclass
 class SwapContext(Intervention):
@@ -87,6 +94,9 @@ class SwapContext(Intervention):
     context: torch.Tensor
     start: int = 0
     end: int | None = None
+
+    def rows(self, start: int, stop: int) -> SwapContext:
+        return replace(self, context=self.context[start:stop])
 
     def attach(self, module: torch.nn.Module, state: StepState, net: torch.nn.Module):
         param = next(net.parameters())

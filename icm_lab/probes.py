@@ -49,8 +49,10 @@ class ProbeFit:
 
 def standardise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-probe feature mean and population std, as StandardScaler (constant features: 1)."""
-    mean = x.mean(dim=1)
-    std = x.std(dim=1, unbiased=False)
+    # Two passes (mean, then squared deviations): exact for large offsets, and plain sums over
+    # the sample axis run ~3x faster on the CPU than torch.var_mean over a middle axis.
+    mean = x.sum(dim=1) / x.shape[1]
+    std = ((x - mean[:, None]).square().sum(dim=1) / x.shape[1]).sqrt()
     return mean, torch.where(std > 0, std, torch.ones_like(std))
 
 
@@ -83,33 +85,48 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float = 1.0,
 
 def _fit_logreg_chunk(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float,
                       max_iter: int, tol: float) -> ProbeFit:
+    # Standardisation is folded into the products instead of copying x:
+    # z @ w = x @ (w / scale) - mean . (w / scale), and z^T r = (x^T r - mean * sum(r)) / scale.
     mean, scale = standardise(x)
-    z = torch.cat([(x - mean[:, None]) / scale[:, None], torch.ones_like(x[..., :1])], dim=2)
-    n = z.shape[1]
-    t = targets(y, n_classes).to(z.dtype)  # [n, O]
-    reg = torch.full((z.shape[2], 1), 1 / (C * n), dtype=z.dtype, device=z.device)
-    reg[-1] = 0  # the intercept is not penalised
-    # Lipschitz constant of the mean-loss gradient: lambda_max(Z^T Z) / 4n + 1 / Cn, with a
-    # margin because a few power iterations underestimate lambda_max.
-    step = (1 / (1.25 * _top_eigenvalue(z) / (4 * n) + 1 / (C * n)))[:, None, None]
-    w = torch.zeros(z.shape[0], z.shape[2], t.shape[1], dtype=z.dtype, device=z.device)
-    w_prev, momentum = w, 1.0
+    inv = (1 / scale)[..., None]  # [P, W, 1]
+    centre = mean[..., None]
+    n = x.shape[1]
+    t = targets(y, n_classes).to(x.dtype)  # [n, O]
+
+    def z_mv(w: torch.Tensor) -> torch.Tensor:
+        u = w * inv
+        return _matvec(x, u) - (centre * u).sum(dim=1, keepdim=True)
+
+    def z_rmv(r: torch.Tensor) -> torch.Tensor:
+        return (_rmatvec(x, r) - centre * r.sum(dim=1, keepdim=True)) * inv
+
+    # Lipschitz constant of the mean-loss gradient: lambda_max(Z^T Z) / 4n + 1 / Cn (the
+    # intercept's column is orthogonal to the centred z and adds n <= lambda_max). A margin
+    # covers the underestimate of a few power iterations.
+    step = (1 / (1.5 * _top_eigenvalue(z_mv, z_rmv, x) / (4 * n) + 1 / (C * n)))[:, None, None]
+    w = torch.zeros(x.shape[0], x.shape[2], t.shape[1], dtype=x.dtype, device=x.device)
+    b = torch.zeros(x.shape[0], 1, t.shape[1], dtype=x.dtype, device=x.device)
+    w_prev, b_prev, momentum = w, b, 1.0
     for _ in range(max_iter):
         momentum_next = (1 + (1 + 4 * momentum**2) ** 0.5) / 2
-        v = w + ((momentum - 1) / momentum_next) * (w - w_prev)
-        grad = _rmatvec(z, torch.sigmoid(_matvec(z, v)) - t) / n + reg * v
-        w_prev, w, momentum = w, v - step * grad, momentum_next
-        if grad.abs().amax() < tol:
+        beta = (momentum - 1) / momentum_next
+        v, c = w + beta * (w - w_prev), b + beta * (b - b_prev)
+        residual = torch.sigmoid(z_mv(v) + c) - t  # [P, n, O]
+        grad_w = z_rmv(residual) / n + v / (C * n)  # the intercept is not penalised
+        grad_b = residual.mean(dim=1, keepdim=True)
+        w_prev, b_prev, momentum = w, b, momentum_next
+        w, b = v - step * grad_w, c - step * grad_b
+        if max(grad_w.abs().amax(), grad_b.abs().amax()) < tol:
             break
-    return ProbeFit(mean, scale, w[:, :-1], w[:, -1])
+    return ProbeFit(mean, scale, w, b[:, 0])
 
 
-def _top_eigenvalue(z: torch.Tensor, iters: int = 8) -> torch.Tensor:
+def _top_eigenvalue(z_mv, z_rmv, x: torch.Tensor, iters: int = 4) -> torch.Tensor:
     """Largest eigenvalue of each Z^T Z by power iteration: `[P]`."""
-    v = torch.ones(z.shape[0], z.shape[2], 1, dtype=z.dtype, device=z.device)
+    v = torch.ones(x.shape[0], x.shape[2], 1, dtype=x.dtype, device=x.device)
     for _ in range(iters):
-        v = torch.nn.functional.normalize(_rmatvec(z, _matvec(z, v)), dim=1)
-    return _matvec(z, v).square().sum(dim=(1, 2))
+        v = torch.nn.functional.normalize(z_rmv(z_mv(v)), dim=1)
+    return z_mv(v).square().sum(dim=(1, 2))
 
 
 def _matvec(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

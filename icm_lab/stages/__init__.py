@@ -2,8 +2,10 @@
 
 from icm_lab.stages.collect import collect
 from icm_lab.stages.localize import localize
+from icm_lab.stages.steer import steer
 
 STAGES = {
     "collect": collect,
     "localize": localize,
+    "steer": steer,
 }

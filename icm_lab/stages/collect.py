@@ -12,14 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from icm_lab.artefacts import Provenance, fingerprint
-from icm_lab.hooks import DenoiserHooks
+from icm_lab.generation import generate
 from icm_lab.labeler import Labels
 from icm_lab.models.layers import LayerInfo
-from icm_lab.models.loading import pipeline_call_kwargs
 from icm_lab.runner import RunContext
 from icm_lab.store import ActivationStore, StoreWriter
 
@@ -90,33 +88,22 @@ def collect(ctx: RunContext) -> ActivationStore:
     if done:
         log.info("collect: resuming, %d of %d samples already on disk", len(done), len(plan))
     images_dir = root / "images"
-    images_dir.mkdir(exist_ok=True)
     for start in tqdm(starts, desc="collect", unit="batch"):
         rows = plan.iloc[start : start + batch_size]
-        activations, images = _generate(ctx, rows, [layer.name for layer in layers])
+        images, activations = generate(ctx, list(rows["prompt"]), list(rows["seed"]),
+                                       record=[layer.name for layer in layers])
         labels = ctx.labeler(images)
-        paths = _save_images(images, rows["index"], images_dir, root)
-        writer.write_shard(start, activations, _sample_table(rows, labels, paths))
+        paths = save_images(images, rows["index"], images_dir, root)
+        writer.write_shard(start, activations, labelled_table(rows, labels, paths))
     store = writer.finalize()
     log.info("collect: %d samples x %d layers x %d steps in %s",
              len(store), len(layers), store.n_steps, root)
     return store
 
 
-def _generate(ctx: RunContext, rows: pd.DataFrame, layer_names: list[str]):
-    # CPU generators make the initial noise identical on every device.
-    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in rows["seed"]]
-    with DenoiserHooks(ctx.pipeline, ctx.registry, record=layer_names) as hooks:
-        images = ctx.pipeline(
-            prompt=list(rows["prompt"]),
-            generator=generators,
-            output_type="pil",
-            **pipeline_call_kwargs(ctx.cfg.model),
-        ).images
-    return hooks.recording(), images
-
-
-def _save_images(images: list, indices: pd.Series, directory: Path, root: Path) -> list[str]:
+def save_images(images: list, indices: pd.Series, directory: Path, root: Path) -> list[str]:
+    """Write `<index>.png` per image into `directory`; return the paths relative to `root`."""
+    directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for image, index in zip(images, indices, strict=True):
         path = directory / f"{index:06d}.png"
@@ -125,7 +112,8 @@ def _save_images(images: list, indices: pd.Series, directory: Path, root: Path) 
     return paths
 
 
-def _sample_table(rows: pd.DataFrame, labels: Labels, paths: list[str]) -> pd.DataFrame:
+def labelled_table(rows: pd.DataFrame, labels: Labels, paths: list[str]) -> pd.DataFrame:
+    """`rows` with each image's label, path and class probabilities (`p_<class>`)."""
     table = rows.reset_index(drop=True).assign(label=labels.labels, image=paths)
     for k, name in enumerate(labels.classes):
         table[f"p_{name}"] = labels.probs[:, k]

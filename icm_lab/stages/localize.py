@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from icm_lab.artefacts import Provenance, fingerprint, write_json_atomic
 from icm_lab.figures import explicit_swap_comparison, layer_ranking, separability_heatmaps
-from icm_lab.hooks import DenoiserHooks, SwapContext
+from icm_lab.generation import generate_all
+from icm_lab.hooks import SwapContext
 from icm_lab.labeler import UNDECIDED
 from icm_lab.models.layers import LayerInfo
 from icm_lab.models.loading import pipeline_call_kwargs, resolve_device
@@ -188,16 +189,8 @@ def explicit_swap(ctx: RunContext, probes: ProbeSet) -> pd.DataFrame:
 
 
 def _label_counts(ctx: RunContext, plan: pd.DataFrame, swaps: list[SwapContext]) -> pd.Series:
-    images = []
-    batch = int(ctx.cfg.collect.batch_size)
-    kwargs = pipeline_call_kwargs(ctx.cfg.model)
-    for start in range(0, len(plan), batch):
-        rows = plan.iloc[start : start + batch]
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in rows["seed"]]
-        chunk = [SwapContext(s.layer, s.context[start : start + batch]) for s in swaps]
-        with DenoiserHooks(ctx.pipeline, ctx.registry, interventions=chunk):
-            images += ctx.pipeline(prompt=list(rows["prompt"]), generator=generators,
-                                   output_type="pil", **kwargs).images
+    images = generate_all(ctx, list(plan["prompt"]), list(plan["seed"]), swaps,
+                          batch_size=ctx.cfg.collect.batch_size)
     labels = ctx.labeler(images).labels
     return pd.Series(labels).value_counts().reindex([*ctx.concept.classes, UNDECIDED],
                                                     fill_value=0)

@@ -1,0 +1,195 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from icm_lab.hooks import DenoiserHooks
+from icm_lab.runner import RunContext, run
+from icm_lab.selection import step_window
+from icm_lab.stages.steer import SteerResult
+from icm_lab.steering import (
+    UNTOUCHED,
+    SteerSettings,
+    assign_targets,
+    interventions,
+    largest_remainder,
+)
+from tests.conftest import make_config
+
+SMALL = ["collect.n_images=40", "model.steps=8", "eval.n_images_per_prompt=4"]
+
+
+@pytest.mark.parametrize("n,target,expected", [
+    (7, [0.5, 0.5], [4, 3]),
+    (10, [0.7, 0.3], [7, 3]),
+    (8, [1 / 3] * 3, [3, 3, 2]),
+    (9, [0.25] * 4, [3, 2, 2, 2]),
+    (5, [0.1, 0.2, 0.3, 0.4], [1, 1, 1, 2]),  # remainders 0.5 and 0.5: the earlier class
+    (3, [1.0, 0.0], [3, 0]),
+])
+def test_target_counts_are_exact(n, target, expected):
+    assert list(largest_remainder(n, np.array(target))) == expected
+    targets = assign_targets(n, np.array(target), seed=5)
+    assert list(np.bincount(targets, minlength=len(target))) == expected
+    assert np.array_equal(targets, assign_targets(n, np.array(target), seed=5))  # seeded
+
+
+def test_minimal_policy_steers_only_what_is_needed():
+    base = np.array([0, 0, 0, 0, 0, 0, 1, 1, -1, 0])  # 7 of class 0, 2 of class 1, 1 undecided
+    targets = assign_targets(10, np.array([0.5, 0.5]), seed=0, policy="minimal", base=base)
+    untouched = targets == UNTOUCHED
+    assert untouched.sum() == 5 + 2  # five class-0 and both class-1 images stay as they are
+    assert set(base[untouched]) == {0, 1}
+    assert np.bincount(targets[~untouched], minlength=2).tolist() == [0, 3]
+    final = np.where(untouched, base, targets)
+    assert np.bincount(final, minlength=2).tolist() == [5, 5]
+
+
+def test_alpha_must_be_finite():
+    for alpha in (float("nan"), float("inf"), "15"):
+        with pytest.raises(ValueError, match="steer.alpha must be a finite number"):
+            SteerSettings("icm", alpha, range(3, 10))
+    with pytest.raises(ValueError, match="unknown method 'icmm'"):
+        SteerSettings("icmm", 1.0, range(3, 10))
+
+
+@pytest.fixture(scope="module")
+def localized(tmp_path_factory):
+    """collect + localize once on tiny_sd15, shared by the steering tests."""
+    root = tmp_path_factory.mktemp("lab")
+    cfg = make_config(f"paths.root={root}", *SMALL, "stages=[collect,localize]")
+    results = run(cfg, root / "localize_run")
+    return root, results["localize"]
+
+
+def steer_run(root, name, *overrides) -> SteerResult:
+    cfg = make_config(f"paths.root={root}", *SMALL, "stages=[steer]", *overrides)
+    return run(cfg, root / name)["steer"]
+
+
+def test_steering_moves_the_probe_logit_towards_the_target(localized, tiny):
+    root, probes = localized
+    pipe, registry, _ = tiny("tiny_sd15")
+    layer = probes.scores.groupby("layer")["balanced_accuracy"].mean().idxmax()
+    window = step_window(0.3, None, 8)
+    targets = np.array([0, 1, 0, 1])
+    settings = SteerSettings("icm", 15.0, window)
+    edits = interventions(settings, [registry[layer]], probes, targets, 8)
+    prompts = ["a photo of a person"] * 4
+
+    def record(edits):
+        generators = [torch.Generator().manual_seed(i) for i in range(4)]
+        with DenoiserHooks(pipe, registry, record=[layer], interventions=edits) as hooks:
+            pipe(prompts, generator=generators, num_inference_steps=8, height=64, width=64,
+                 output_type="latent")
+        return torch.from_numpy(hooks.recording()[layer]).float()  # [4, 8, W]
+
+    base, steered = record([]), record(edits)
+    fit = probes.fit(layer)  # one probe per step
+    logit = {name: fit.logits(x.transpose(0, 1))[..., 0] for name, x in
+             (("base", base), ("steered", steered))}  # [steps, 4]: evidence for class 1
+    shift = logit["steered"] - logit["base"]
+    assert torch.equal(shift[: window.start], torch.zeros_like(shift[: window.start]))
+    towards = torch.where(torch.from_numpy(targets) == 1, shift, -shift)[window.start :]
+    assert (towards > 0).all(), towards
+
+
+def test_untouched_samples_are_bit_identical_to_base(localized):
+    root, _ = localized
+    result = steer_run(root, "minimal", "steer.policy=minimal")
+    table = result.table
+    untouched = table[~table["steered"]]
+    assert len(untouched) > 0 and table["steered"].any()
+    for _, row in untouched.iterrows():
+        base = np.asarray(Image.open(result.base_root / row["base_image"]))
+        steered = np.asarray(Image.open(result.steered_root / row["image"]))
+        assert np.array_equal(base, steered)
+        assert row["label"] == row["base_label"]
+    for _, row in table[table["steered"]].iterrows():
+        base = np.asarray(Image.open(result.base_root / row["base_image"]))
+        assert not np.array_equal(base, np.asarray(Image.open(result.steered_root / row["image"])))
+
+
+@pytest.mark.parametrize("method,n_layers", [
+    ("icm", 3), ("attn2", 3), ("all_layers", 32), ("hspace", 1), ("random", 3), ("prompt", 0),
+    ("none", 0),
+])
+def test_every_method_runs_and_reuses_base_images(localized, method, n_layers):
+    root, _ = localized
+    result = steer_run(root, f"method_{method}", f"method={method}")
+    assert len(result.layers) == n_layers
+    table = result.table
+    assert len(table) == 12 * 4
+    counts = table.groupby("prompt_id")["target"].value_counts().unstack()
+    assert (counts["male"] == 2).all() and (counts["female"] == 2).all()
+    assert table["steered"].all() == (method != "none")
+    if method == "attn2":
+        assert all(name.endswith("attn2") for name in result.layers)
+    assert len(list((result.steered_root / "grids").glob("*.png"))) == 12
+    bases = list((root / "outputs" / "artefacts" / "base").iterdir())
+    assert len(bases) == 1  # one base set, shared by every method
+
+
+def test_multiclass_targets_follow_the_configured_distribution(localized, tmp_path):
+    root, _ = localized
+    cfg = make_config(f"paths.root={root}", *SMALL, "stages=[steer]", "method=prompt",
+                      "concept=race", "concept.target=[0.5,0.25,0.25,0]",
+                      "eval.n_images_per_prompt=4")
+    table = run(cfg, tmp_path / "race")["steer"].table
+    counts = table.groupby("prompt_id")["target"].value_counts().unstack(fill_value=0)
+    assert (counts["white"] == 2).all() and (counts["black"] == 1).all()
+    assert "indian" not in counts
+    assert table["prompt"].str.contains(", ").sum() == 0  # the table keeps the original prompt
+
+
+def test_steps_before_the_window_are_untouched(localized, tiny):
+    _, probes = localized
+    pipe, registry, _ = tiny("tiny_sd15")
+    window = step_window(0.5, None, 8)
+    edits = interventions(SteerSettings("icm", 20.0, window), [registry[probes.layers[0]]],
+                          probes, np.array([1, 0]), 8)
+
+    def record(edits):
+        generators = [torch.Generator().manual_seed(i) for i in range(2)]
+        with DenoiserHooks(pipe, registry, record=registry.names(), interventions=edits) as h:
+            pipe(["a", "b"], generator=generators, num_inference_steps=8, height=64, width=64,
+                 output_type="latent")
+        return h.recording()
+
+    base, steered = record([]), record(edits)
+    for name in registry.names():
+        assert np.array_equal(base[name][:, : window.start], steered[name][:, : window.start])
+    assert not np.array_equal(base[probes.layers[0]][:, window.start :],
+                              steered[probes.layers[0]][:, window.start :])
+
+
+def test_missing_probes_are_a_clear_error(tmp_path):
+    cfg = make_config(f"paths.root={tmp_path}", *SMALL, "collect.record=[attn2]",
+                      "layers=paper_sd15")
+    with pytest.raises(ValueError, match="no probes for layer 'mid_block.attentions.0"):
+        run(cfg, tmp_path / "run")
+
+
+def test_probes_from_another_concept_are_refused(localized, tmp_path):
+    root, probes = localized
+    cfg = make_config(f"paths.root={root}", *SMALL, "stages=[steer]", "concept=age",
+                      f"steer.probes={probes.root}")
+    with pytest.raises(ValueError, match="made for concept 'gender'.*steers concept 'age'"):
+        run(cfg, tmp_path / "run")
+
+
+def test_nan_alpha_fails_before_generating(localized, tmp_path):
+    root, _ = localized
+    with pytest.raises(ValueError, match="steer.alpha must be a finite number, got nan"):
+        run(make_config(f"paths.root={root}", *SMALL, "stages=[steer]", "steer.alpha=nan"),
+            tmp_path / "run")
+    assert not (tmp_path / "run" / "steer").exists()
+
+
+def test_context_pieces(localized):
+    root, probes = localized
+    cfg = make_config(f"paths.root={root}", *SMALL)
+    ctx = RunContext(cfg, root / "ctx")
+    assert isinstance(probes.scores, pd.DataFrame)
+    assert ctx.concept.explicit_for("a photo of a person", "female") == "a photo of a woman"
