@@ -35,10 +35,12 @@ def test_default_run_reports_where_results_are(tmp_path):
     assert (tmp_path / "run" / "config.yaml").exists()
     assert (tmp_path / "run" / "localize" / "separability.png").exists()
     assert (tmp_path / "run" / "layer_ranking.png").exists()
+    assert len(list((tmp_path / "run" / "steer" / "grids").glob("*.png"))) == 12
 
 
 def test_bad_stage_fails_with_a_clear_message(tmp_path):
-    result = run(sys.executable, "-m", "icm_lab", "stages=[steer]", f"paths.root={tmp_path}",
+    result = run(sys.executable, "-m", "icm_lab", "stages=[colect]", f"paths.root={tmp_path}",
                  f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode != 0
-    assert "unknown stage(s) ['steer']; available stages: ['collect', 'localize']" in result.stderr
+    assert ("unknown stage(s) ['colect']; available stages: ['collect', 'localize', 'steer']"
+            in result.stderr)
