@@ -71,23 +71,27 @@ def _vae(latent_factor_blocks: int = 4) -> AutoencoderKL:
     )
 
 
-def tiny_sd15(seed: int = 0) -> StableDiffusionPipeline:
+def _sd15_unet(sample_size: int, channels: tuple[int, ...], cross_attention_dim: int,
+               attention_head_dim: int, norm_num_groups: int = 32) -> UNet2DConditionModel:
     """SD1.5's layout: 3 cross-attention down blocks + 1 plain, 2 layers each, mid block with
     attention, 1 plain + 3 cross-attention up blocks: 16 attn1 and 16 attn2 layers."""
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(16, 16, 32, 32),
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        block_out_channels=channels,
         layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=attention_head_dim,
+        norm_num_groups=norm_num_groups,
     )
+
+
+def _sd15_pipeline(vae: AutoencoderKL, text_encoder: CLIPTextModel,
+                   unet: UNet2DConditionModel) -> StableDiffusionPipeline:
     return StableDiffusionPipeline(
-        vae=_vae(),
-        text_encoder=_clip_text(32),
+        vae=vae,
+        text_encoder=text_encoder,
         tokenizer=clip_tokenizer(),
         unet=unet,
         scheduler=DDIMScheduler(**_SD_SCHEDULER),
@@ -95,6 +99,14 @@ def tiny_sd15(seed: int = 0) -> StableDiffusionPipeline:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def tiny_sd15(seed: int = 0) -> StableDiffusionPipeline:
+    """SD1.5's block structure and names at tiny widths, 64 px."""
+    torch.manual_seed(seed)
+    unet = _sd15_unet(8, (16, 16, 32, 32), cross_attention_dim=32, attention_head_dim=4,
+                      norm_num_groups=8)
+    return _sd15_pipeline(_vae(), _clip_text(32), unet)
 
 
 def tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
@@ -191,15 +203,7 @@ def tiny_sana(seed: int = 0) -> SanaPipeline:
 def sd15_random(seed: int = 0) -> StableDiffusionPipeline:
     """SD1.5 at full size with random weights: for timing on a GPU, never for images."""
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-    )
+    unet = _sd15_unet(64, (320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8)
     vae = AutoencoderKL(
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -213,11 +217,7 @@ def sd15_random(seed: int = 0) -> StableDiffusionPipeline:
         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     ))
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=clip_tokenizer(), unet=unet,
-        scheduler=DDIMScheduler(**_SD_SCHEDULER), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return _sd15_pipeline(vae, text, unet)
 
 
 BUILDERS = {
