@@ -44,3 +44,21 @@ def test_bad_stage_fails_with_a_clear_message(tmp_path):
     assert result.returncode != 0
     assert ("unknown stage(s) ['colect']; available stages: ['collect', 'localize', 'steer']"
             in result.stderr)
+
+
+def test_alpha_by_layers_multirun_shares_collection_and_probes(tmp_path):
+    result = run(sys.executable, "-m", "icm_lab", "-m", "steer.alpha=5,15",
+                 "layers=auto,paper_sd15", "collect.n_images=30", "model.steps=4",
+                 "eval.n_images_per_prompt=2", f"paths.root={tmp_path}",
+                 f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted((tmp_path / "sweep").glob("[0-9]*"))
+    assert len(jobs) == 4
+    for job in jobs:
+        assert (job / "steer" / "images.parquet").exists()
+        assert (job / "collect").resolve() == (jobs[0] / "collect").resolve()
+    artefacts = tmp_path / "outputs" / "artefacts"
+    assert [len(list((artefacts / stage).iterdir())) for stage in ("collect", "localize", "base")
+            ] == [1, 1, 1]
+    alphas = {(job / "config.yaml").read_text().split("alpha: ")[1].split()[0] for job in jobs}
+    assert alphas == {"5.0", "15.0"} or alphas == {"5", "15"}
