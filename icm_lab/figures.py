@@ -124,3 +124,26 @@ def before_after_grid(before_images: list[Path], after_images: list[Path], befor
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def class_distribution(table: pd.DataFrame, classes: list[str], target: np.ndarray, path: Path,
+                       title: str = "") -> Path:
+    """Share of each class per prompt, base against steered, with the target marked."""
+    prompts = list(dict.fromkeys(table["prompt"]))
+    fig, axes = plt.subplots(1, len(prompts), figsize=(2.2 * len(prompts) + 1, 3.2),
+                             squeeze=False, sharey=True, constrained_layout=True)
+    x = np.arange(len(classes))
+    for ax, prompt in zip(axes[0], prompts, strict=True):
+        rows = table[table["prompt"] == prompt]
+        for offset, column, name in ((-0.2, "base_label", "base"), (0.2, "label", "steered")):
+            share = [(rows[column] == k).mean() for k in classes]
+            ax.bar(x + offset, share, width=0.4, label=name)
+        ax.scatter(x, target, marker="_", s=400, color="black", label="target", zorder=3)
+        ax.set_xticks(x, classes, rotation=45, fontsize=7)
+        ax.set_title(prompt, fontsize=7)
+    axes[0, 0].set_ylabel("share of images")
+    axes[0, -1].legend(fontsize=7)
+    fig.suptitle(title or "Class distribution per prompt")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

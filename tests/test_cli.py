@@ -36,14 +36,15 @@ def test_default_run_reports_where_results_are(tmp_path):
     assert (tmp_path / "run" / "localize" / "separability.png").exists()
     assert (tmp_path / "run" / "layer_ranking.png").exists()
     assert len(list((tmp_path / "run" / "steer" / "grids").glob("*.png"))) == 12
+    assert (tmp_path / "run" / "metrics.json").exists()
 
 
 def test_bad_stage_fails_with_a_clear_message(tmp_path):
     result = run(sys.executable, "-m", "icm_lab", "stages=[colect]", f"paths.root={tmp_path}",
                  f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode != 0
-    assert ("unknown stage(s) ['colect']; available stages: ['collect', 'localize', 'steer']"
-            in result.stderr)
+    assert ("unknown stage(s) ['colect']; available stages: ['collect', 'localize', 'steer', "
+            "'evaluate']" in result.stderr)
 
 
 def test_alpha_by_layers_multirun_shares_collection_and_probes(tmp_path):

@@ -1,0 +1,117 @@
+"""Evaluation metrics (DESIGN.md section 3).
+
+Fairness, from hard frequencies f (share of decided images per class), soft frequencies p (mean
+class probability) and a target distribution u:
+    FD = ||f - u||_2,  FD_soft = ||p - u||_2,  KL = sum_k f_k log(f_k / u_k),
+    deviation = max_k |f_k - u_k| / max_k (1 - u_k).
+Undecided images never count towards f; they are counted and reported.
+CLIP-T / CLIP-I: the mean of (cos + 1) / 2 between image and prompt / steered and base image.
+FID / KID through torchmetrics, on Inception or CLIP image-tower features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from icm_lab.labeler import UNDECIDED
+from icm_lab.models.clip import Clip
+
+
+def fairness(labels: Sequence[str], probs: np.ndarray, classes: Sequence[str],
+             target: np.ndarray) -> dict[str, float]:
+    labels = np.asarray(labels)
+    n_undecided = int((labels == UNDECIDED).sum())
+    n_decided = len(labels) - n_undecided
+    if len(labels) == 0:
+        raise ValueError("fairness needs at least one image, got zero")
+    hard = np.array([(labels == k).sum() for k in classes], dtype=float)
+    hard = hard / n_decided if n_decided else np.full(len(classes), np.nan)
+    soft = np.asarray(probs, dtype=float).mean(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl_terms = np.where(hard > 0, hard * np.log(hard / target), 0.0)
+    return {
+        "fd": float(np.linalg.norm(hard - target)),
+        "fd_soft": float(np.linalg.norm(soft - target)),
+        "kl": float(kl_terms.sum()),
+        "deviation": float(np.abs(hard - target).max() / (1 - target).max()),
+        "n_images": len(labels),
+        "n_undecided": n_undecided,
+        **{f"share_{k}": float(v) for k, v in zip(classes, hard, strict=True)},
+    }
+
+
+def fairness_by_prompt(table: pd.DataFrame, label: str, prob_prefix: str,
+                       classes: Sequence[str], target: np.ndarray) -> dict:
+    """Per prompt, then averaged over prompts (NaN-aware), plus the pooled counts."""
+    columns = [f"{prob_prefix}{k}" for k in classes]
+    per_prompt = {
+        prompt: fairness(rows[label], rows[columns].to_numpy(), classes, target)
+        for prompt, rows in table.groupby("prompt", sort=False)
+    }
+    frame = pd.DataFrame(per_prompt).T
+    averaged = {key: float(np.nanmean(frame[key].astype(float)))
+                for key in ("fd", "fd_soft", "kl", "deviation")}
+    return {**averaged, "n_images": len(table), "n_undecided": int(frame["n_undecided"].sum()),
+            "per_prompt": per_prompt}
+
+
+def clip_score(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(cos + 1) / 2 between matching rows of unit feature matrices."""
+    return ((a * b).sum(dim=-1) + 1) / 2
+
+
+class ClipImageFeatures(torch.nn.Module):
+    """A CLIP image tower as a torchmetrics feature extractor: float images in [0, 1],
+    `[N, 3, H, W]`, resized and normalised as CLIP expects, to `[N, embed_dim]` features."""
+
+    def __init__(self, clip: Clip):
+        super().__init__()
+        self.clip = clip
+        visual = clip.model.visual
+        self.size = visual.image_size if isinstance(visual.image_size, tuple) else (
+            visual.image_size, visual.image_size)
+        self.register_buffer("mean", torch.tensor(visual.image_mean or (0.48145466, 0.4578275,
+                                                                        0.40821073))[:, None, None])
+        self.register_buffer("std", torch.tensor(visual.image_std or (0.26862954, 0.26130258,
+                                                                      0.27577711))[:, None, None])
+        self.num_features = clip.model.visual.output_dim
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = torch.nn.functional.interpolate(images.float(), size=self.size, mode="bicubic",
+                                                 align_corners=False).clamp(0, 1)
+        return self.clip.model.encode_image((images - self.mean) / self.std).float()
+
+
+def image_tensor(paths: Sequence, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """`[N, 3, H, W]` float images in [0, 1], resized to `size` (height, width) if given."""
+    images = [Image.open(p).convert("RGB") for p in paths]
+    if size is not None:
+        images = [image.resize((size[1], size[0]), Image.BICUBIC) for image in images]
+    arrays = [np.asarray(image, dtype=np.float32) / 255 for image in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def fid_kid(real: torch.Tensor, fake: torch.Tensor, feature: torch.nn.Module | int,
+            kid_subset: int = 1000) -> dict[str, float]:
+    """FID and KID (mean and std over subsets) of `fake` against `real`, float images in [0, 1].
+    At small N, FID is biased upwards; KID is unbiased, so report both."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    if len(real) < 2 or len(fake) < 2:
+        raise ValueError(f"FID/KID need at least 2 images per set, got {len(real)} and "
+                         f"{len(fake)}")
+    subset = min(kid_subset, len(real), len(fake))
+    fid = FrechetInceptionDistance(feature=feature, normalize=True)
+    kid = KernelInceptionDistance(feature=feature, normalize=True, subset_size=subset)
+    for metric in (fid, kid):
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+    kid_mean, kid_std = kid.compute()
+    return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}

@@ -1,0 +1,120 @@
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from icm_lab.metrics import (
+    ClipImageFeatures,
+    clip_score,
+    fairness,
+    fairness_by_prompt,
+    fid_kid,
+)
+from icm_lab.models.clip import load_clip
+from icm_lab.runner import run
+from tests.conftest import make_config
+
+
+def test_binary_fairness_by_hand():
+    labels = ["male", "male", "female", "undecided"]
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.5, 0.5]])
+    result = fairness(labels, probs, ["male", "female"], np.array([0.5, 0.5]))
+    f = np.array([2 / 3, 1 / 3])  # the undecided image does not count towards f
+    assert result["fd"] == pytest.approx(math.sqrt(2) / 6)
+    assert result["fd_soft"] == pytest.approx(np.linalg.norm([0.625 - 0.5, 0.375 - 0.5]))
+    assert result["kl"] == pytest.approx((f * np.log(f / 0.5)).sum())
+    assert result["deviation"] == pytest.approx((1 / 6) / 0.5)
+    assert (result["n_images"], result["n_undecided"]) == (4, 1)
+
+
+def test_multiclass_fairness_with_a_non_uniform_target():
+    labels = ["a", "a", "b", "c", "c", "c"]
+    target = np.array([0.5, 0.25, 0.25])
+    result = fairness(labels, np.full((6, 3), 1 / 3), ["a", "b", "c"], target)
+    f = np.array([2, 1, 3]) / 6
+    assert result["fd"] == pytest.approx(np.linalg.norm(f - target))
+    assert result["fd_soft"] == pytest.approx(np.linalg.norm(1 / 3 - target))
+    assert result["kl"] == pytest.approx((f * np.log(f / target)).sum())
+    assert result["deviation"] == pytest.approx(0.25 / 0.75)
+    fair = fairness(["a", "a", "b", "c"], np.full((4, 3), 1 / 3), ["a", "b", "c"], target)
+    assert fair["fd"] == pytest.approx(0) and fair["kl"] == pytest.approx(0)
+    assert math.isinf(fairness(["b"], np.ones((1, 2)) / 2, ["a", "b"], np.array([1.0, 0.0]))["kl"])
+
+
+def test_fairness_is_averaged_over_prompts():
+    table = pd.DataFrame({"prompt": ["p"] * 4 + ["q"] * 4,
+                          "label": ["m", "m", "m", "m", "m", "f", "m", "f"],
+                          "p_m": 0.5, "p_f": 0.5})
+    result = fairness_by_prompt(table, "label", "p_", ["m", "f"], np.array([0.5, 0.5]))
+    assert result["fd"] == pytest.approx((math.sqrt(0.5) + 0) / 2)
+    assert set(result["per_prompt"]) == {"p", "q"}
+    with pytest.raises(ValueError, match="zero"):
+        fairness([], np.zeros((0, 2)), ["m", "f"], np.array([0.5, 0.5]))
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    return load_clip(make_config().clip)
+
+
+def test_clip_i_is_one_for_identical_images(tiny_clip):
+    from PIL import Image
+
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), np.uint8))
+              for i in range(3)]
+    features = tiny_clip.encode_images(images)
+    assert torch.allclose(clip_score(features, features), torch.ones(3))
+    assert (clip_score(features, features.roll(1, 0)) < 1).all()
+
+
+def test_fid_is_zero_against_itself_and_grows_with_shift(tiny_clip):
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(40, 3, 32, 32, generator=g) * 0.5
+    shifted = (real + 0.3).clamp(0, 1)
+    feature = ClipImageFeatures(tiny_clip)
+    same = fid_kid(real, real, feature)
+    moved = fid_kid(real, shifted, feature)
+    assert abs(same["fid"]) < 1e-3
+    assert moved["fid"] > 100 * max(abs(same["fid"]), 1e-4)
+    # KID is unbiased, so a set against itself scatters around 0 (slightly negative at times).
+    assert moved["kid"] > 10 * abs(same["kid"])
+
+
+def test_metrics_json_schema_and_method_none_is_neutral(tmp_path):
+    cfg = make_config(f"paths.root={tmp_path}", "collect.n_images=30", "model.steps=4",
+                      "eval.n_images_per_prompt=3", "method=none")
+    run(cfg, tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("model", "concept", "method", "layers", "alpha", "classifier"):
+        assert key in metrics
+    for side in ("base", "steered"):
+        for key in ("fd", "fd_soft", "kl", "deviation", "clip_t", "n_images", "n_undecided"):
+            assert key in metrics[side], (side, key)
+    for key in ("fid", "kid", "clip_i"):
+        assert key in metrics["steered"]
+    # method=none: the steered images are the base images.
+    assert metrics["steered"]["fd"] == metrics["base"]["fd"]
+    assert metrics["steered"]["clip_i"] == pytest.approx(1.0)
+    assert abs(metrics["steered"]["fid"]) < 1e-3
+    table = pd.read_parquet(tmp_path / "run" / "evaluate" / "images.parquet")
+    assert len(table) == metrics["steered"]["n_images"] == 12 * 3
+    assert {"clip_t", "clip_i", "base_clip_t"} <= set(table)
+    assert (tmp_path / "run" / "evaluate" / "distribution.png").exists()
+
+
+def test_reference_folder_and_bad_feature_name(tmp_path):
+    from PIL import Image
+
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((48, 48, 3), 40 * i, np.uint8)).save(reference / f"{i}.png")
+    base = ["collect.n_images=30", "model.steps=4", "eval.n_images_per_prompt=2"]
+    cfg = make_config(f"paths.root={tmp_path}", *base, f"eval.reference_dir={reference}")
+    metrics = run(cfg, tmp_path / "run")["evaluate"]
+    assert "fid_reference" in metrics["steered"] and "kid_reference" in metrics["steered"]
+    with pytest.raises(ValueError, match="unknown eval.features 'vgg'"):
+        run(make_config(f"paths.root={tmp_path}", *base, "eval.features=vgg"), tmp_path / "r2")
