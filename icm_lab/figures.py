@@ -130,10 +130,15 @@ def class_distribution(table: pd.DataFrame, classes: list[str], target: np.ndarr
                        title: str = "") -> Path:
     """Share of each class per prompt, base against steered, with the target marked."""
     prompts = list(dict.fromkeys(table["prompt"]))
-    fig, axes = plt.subplots(1, len(prompts), figsize=(2.2 * len(prompts) + 1, 3.2),
-                             squeeze=False, sharey=True, constrained_layout=True)
+    columns = min(6, len(prompts))
+    rows_of_panels = -(-len(prompts) // columns)
+    fig, axes = plt.subplots(rows_of_panels, columns, squeeze=False, sharey=True,
+                             figsize=(2.3 * columns + 0.5, 2.8 * rows_of_panels),
+                             constrained_layout=True)
+    for ax in axes.flat[len(prompts):]:
+        ax.set_visible(False)
     x = np.arange(len(classes))
-    for ax, prompt in zip(axes[0], prompts, strict=True):
+    for ax, prompt in zip(axes.flat, prompts, strict=False):
         rows = table[table["prompt"] == prompt]
         for offset, column, name in ((-0.2, "base_label", "base"), (0.2, "label", "steered")):
             share = [(rows[column] == k).mean() for k in classes]
@@ -141,8 +146,9 @@ def class_distribution(table: pd.DataFrame, classes: list[str], target: np.ndarr
         ax.scatter(x, target, marker="_", s=400, color="black", label="target", zorder=3)
         ax.set_xticks(x, classes, rotation=45, fontsize=7)
         ax.set_title(prompt, fontsize=7)
-    axes[0, 0].set_ylabel("share of images")
-    axes[0, -1].legend(fontsize=7)
+    for row in axes:
+        row[0].set_ylabel("share of images")
+    axes.flat[len(prompts) - 1].legend(fontsize=7)
     fig.suptitle(title or "Class distribution per prompt")
     fig.savefig(path, dpi=110)
     plt.close(fig)
