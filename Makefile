@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 MODEL ?= tiny_sd15
 
-.PHONY: install test run bench lint layers clean
+.PHONY: install test run bench lint layers tables clean
 
 install: $(INSTALLED)
 
@@ -26,6 +26,17 @@ bench: $(INSTALLED)
 
 lint: $(INSTALLED)
 	$(PY) -m ruff check icm_lab tests
+
+# Paper-style tables from outputs/: first the runs they need for MODEL (the method comparison and
+# an alpha sweep), unless a completed sweep is already on disk.
+TABLE_RUNS := outputs/multirun/tables-$(MODEL)
+tables: $(INSTALLED)
+	@test -f $(TABLE_RUNS)/methods/.done || ($(PY) -m icm_lab -m model=$(MODEL) \
+		method=none,icm,attn2,hspace,random,prompt hydra.sweep.dir=$(TABLE_RUNS)/methods \
+		&& touch $(TABLE_RUNS)/methods/.done)
+	@test -f $(TABLE_RUNS)/alpha/.done || ($(PY) -m icm_lab -m model=$(MODEL) method=icm \
+		steer.alpha=0,5,15,30 hydra.sweep.dir=$(TABLE_RUNS)/alpha && touch $(TABLE_RUNS)/alpha/.done)
+	$(PY) -m icm_lab.tables
 
 layers: $(INSTALLED)
 	$(PY) -m icm_lab layers model=$(MODEL)

@@ -1,0 +1,59 @@
+import json
+
+import pandas as pd
+import pytest
+
+from icm_lab.tables import make_tables
+
+
+def write_run(directory, method, alpha, fd, clip_i, layers=("mid_block",)):
+    directory.mkdir(parents=True)
+    steered = {"fd": fd, "fd_soft": fd / 2, "fid": 10.0, "kid": 0.01, "clip_t": 0.6,
+               "clip_i": clip_i, "n_images": 8, "n_undecided": 1}
+    (directory / "metrics.json").write_text(json.dumps({
+        "model": "tiny_sd15", "concept": "gender", "method": method, "alpha": alpha,
+        "layers": list(layers), "base": {"fd": 0.5}, "steered": steered}))
+
+
+def test_tables_from_synthetic_run_directories(tmp_path):
+    root = tmp_path / "outputs"
+    write_run(root / "runs" / "a" / "2026-01-01", "none", 15.0, 0.5, 1.0, layers=())
+    for job, (alpha, fd, clip_i) in enumerate([(5.0, 0.3, 0.9), (15.0, 0.1, 0.8)]):
+        write_run(root / "multirun" / "sweep" / str(job), "icm", alpha, fd, clip_i)
+    write_run(root / "multirun" / "sweep2" / "0", "icm", 15.0, 0.2, 0.7)  # a second seed
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    pd.DataFrame({"layer": ["mid_block.attentions.0.transformer_blocks.0.attn1"] * 2
+                  + ["up_blocks.1.attentions.0.transformer_blocks.0.attn2"] * 2,
+                  "kind": ["attn1", "attn1", "attn2", "attn2"], "step": [0, 1, 0, 1],
+                  "balanced_accuracy": [0.6, 0.9, 0.5, 0.7]}).to_parquet(probes / "scores.parquet")
+    (probes / "meta.json").write_text(json.dumps(
+        {"provenance": {"model": "tiny_sd15", "concept": "gender"}}))
+    for job in ("0", "1"):  # two jobs link the same probe set: counted once
+        (root / "multirun" / "sweep" / job / "localize").symlink_to(probes)
+
+    tables = make_tables(root, tmp_path / "tables")
+    debias = markdown_rows(tmp_path / "tables" / "debiasing.md")
+    assert debias[0] == ["model", "concept", "method", "alpha", "FD↓", "FD_soft↓", "FID↓", "KID↓",
+                         "CLIP-T↑", "CLIP-I↑", "runs"]
+    assert ["tiny_sd15", "gender", "icm", "15.000", "0.150", "0.075", "10.000", "0.010",
+            "0.600", "0.750", "2"] in debias  # the mean of two runs
+    assert ["tiny_sd15", "gender", "none", "15.000", "0.500", "0.250", "10.000", "0.010",
+            "0.600", "1.000", "1"] in debias
+    localization = markdown_rows(tmp_path / "tables" / "localization.md")
+    assert ["tiny_sd15", "gender", "attn1", "0.900", "0.750", "mid.a0.t0 (0.75)"] in localization
+    assert ["tiny_sd15", "gender", "attn2", "0.700", "0.600", "up1.a0.t0 (0.60)"] in localization
+    assert len(tables["localization"]) == 2
+    sweep = tables["alpha_sweep"]
+    assert list(sweep["alpha"]) == [5.0, 15.0]
+    assert sweep["fd"].tolist() == pytest.approx([0.3, 0.15])
+    for name in ("debiasing", "localization", "alpha_sweep"):
+        for suffix in ("md", "tex", "csv"):
+            assert (tmp_path / "tables" / f"{name}.{suffix}").exists()
+    assert "\\begin{tabular}" in (tmp_path / "tables" / "debiasing.tex").read_text()
+    assert (tmp_path / "tables" / "fd_vs_clip_i.png").stat().st_size > 5000
+
+
+def markdown_rows(path):
+    lines = [line for line in path.read_text().splitlines() if not line.startswith("|:")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
