@@ -30,10 +30,10 @@ def generate(ctx: RunContext, prompts: Sequence[str], seeds: Sequence[int],
 
 
 def generate_all(ctx: RunContext, prompts: Sequence[str], seeds: Sequence[int],
-                 interventions: Sequence[Intervention] = (), desc: str = "generate",
-                 batch_size: int | None = None) -> list[Image.Image]:
+                 interventions: Sequence[Intervention] = (), desc: str = "generate"
+                 ) -> list[Image.Image]:
     """All samples, in batches of `model.batch_size`, with a progress bar."""
-    size = int(batch_size or ctx.cfg.model.batch_size)
+    size = int(ctx.cfg.model.batch_size)
     images: list[Image.Image] = []
     starts = range(0, len(prompts), size)
     for start in tqdm(starts, desc=desc, unit="batch", disable=len(starts) < 2):

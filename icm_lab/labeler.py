@@ -27,11 +27,11 @@ class Labels:
 
 
 class ClipLabeler:
-    def __init__(self, clip: Clip, concept: Concept, min_confidence: float, batch_size: int):
+    def __init__(self, clip: Clip, concept: Concept, min_confidence: float):
         if not 0 <= min_confidence <= 1:
             raise ValueError(f"labeler.min_confidence must be in [0, 1], got {min_confidence}")
         self.clip, self.classes = clip, concept.classes
-        self.min_confidence, self.batch_size = min_confidence, batch_size
+        self.min_confidence = min_confidence
         texts = [text for k in self.classes for text in concept.classifier_texts[k]]
         self.group = torch.tensor(
             [i for i, k in enumerate(self.classes) for _ in concept.classifier_texts[k]]
@@ -41,10 +41,7 @@ class ClipLabeler:
     def __call__(self, images: list[Image.Image]) -> Labels:
         if not images:
             raise ValueError("the labeler got zero images")
-        probs = np.concatenate(
-            [self._probs(images[i : i + self.batch_size])
-             for i in range(0, len(images), self.batch_size)]
-        )
+        probs = self._probs(images)
         labels = [
             self.classes[k] if p[k] >= self.min_confidence else UNDECIDED
             for p, k in zip(probs, probs.argmax(axis=1), strict=True)

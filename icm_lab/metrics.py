@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
 from icm_lab.labeler import UNDECIDED
@@ -75,10 +76,10 @@ class ClipImageFeatures(torch.nn.Module):
         visual = clip.model.visual
         self.size = visual.image_size if isinstance(visual.image_size, tuple) else (
             visual.image_size, visual.image_size)
-        self.register_buffer("mean", torch.tensor(visual.image_mean or (0.48145466, 0.4578275,
-                                                                        0.40821073))[:, None, None])
-        self.register_buffer("std", torch.tensor(visual.image_std or (0.26862954, 0.26130258,
-                                                                      0.27577711))[:, None, None])
+        mean = getattr(visual, "image_mean", None) or OPENAI_DATASET_MEAN
+        std = getattr(visual, "image_std", None) or OPENAI_DATASET_STD
+        self.register_buffer("mean", torch.tensor(mean)[:, None, None])
+        self.register_buffer("std", torch.tensor(std)[:, None, None])
         self.num_features = clip.model.visual.output_dim
 
     @torch.no_grad()
@@ -88,9 +89,13 @@ class ClipImageFeatures(torch.nn.Module):
         return self.clip.model.encode_image((images - self.mean) / self.std).float()
 
 
-def image_tensor(paths: Sequence, size: tuple[int, int] | None = None) -> torch.Tensor:
+def load_images(paths: Sequence) -> list[Image.Image]:
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+def image_tensor(images: Sequence[Image.Image], size: tuple[int, int] | None = None
+                 ) -> torch.Tensor:
     """`[N, 3, H, W]` float images in [0, 1], resized to `size` (height, width) if given."""
-    images = [Image.open(p).convert("RGB") for p in paths]
     if size is not None:
         images = [image.resize((size[1], size[0]), Image.BICUBIC) for image in images]
     arrays = [np.asarray(image, dtype=np.float32) / 255 for image in images]

@@ -29,6 +29,15 @@ class ProbeFit:
     weight: torch.Tensor  # [P, W, O], O = 1 for two classes, else one per class
     bias: torch.Tensor  # [P, O]
 
+    def rows(self, rows: slice) -> ProbeFit:
+        """The probes `rows` of this batch (e.g. one layer's steps)."""
+        return ProbeFit(self.mean[rows], self.scale[rows], self.weight[rows], self.bias[rows])
+
+    @staticmethod
+    def concat(fits: list[ProbeFit]) -> ProbeFit:
+        return ProbeFit(*(torch.cat([getattr(f, name) for f in fits])
+                          for name in ("mean", "scale", "weight", "bias")))
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """`[P, n, O]` logits for `x: [P, n, W]` in raw activation space."""
         z = (x - self.mean[:, None]) / self.scale[:, None]
@@ -77,10 +86,8 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float = 1.0,
         chunk_mb = float("inf") if x.is_cuda else 8.0
     per_probe_mb = x[0].numel() * 4 / 2**20
     size = len(x) if chunk_mb == float("inf") else max(1, int(chunk_mb // per_probe_mb))
-    fits = [_fit_logreg_chunk(x[i : i + size], y, n_classes, C, max_iter, tol)
-            for i in range(0, len(x), size)]
-    return ProbeFit(*(torch.cat(parts) for parts in zip(
-        *((f.mean, f.scale, f.weight, f.bias) for f in fits), strict=True)))
+    return ProbeFit.concat([_fit_logreg_chunk(x[i : i + size], y, n_classes, C, max_iter, tol)
+                            for i in range(0, len(x), size)])
 
 
 def _fit_logreg_chunk(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float,

@@ -64,8 +64,7 @@ class RunContext:
 
     @cached_property
     def labeler(self) -> ClipLabeler:
-        labeler = self.cfg.labeler
-        return ClipLabeler(self.clip, self.concept, labeler.min_confidence, labeler.batch_size)
+        return ClipLabeler(self.clip, self.concept, self.cfg.labeler.min_confidence)
 
     def artefact_dir(self, provenance: Provenance) -> Path:
         """Content-addressed: runs with the same stage fingerprint share (and resume) it. The run

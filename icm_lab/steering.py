@@ -20,6 +20,7 @@ from icm_lab.models.layers import LayerInfo, LayerRegistry
 from icm_lab.probeset import ProbeSet
 
 METHODS = ("none", "icm", "attn2", "all_layers", "hspace", "random", "prompt")
+LAYER_METHODS = ("icm", "attn2", "all_layers", "hspace", "random")  # the ones that add vectors
 POLICIES = ("all", "minimal")
 UNTOUCHED = -1
 
@@ -93,14 +94,14 @@ def steered_layers(method: str, chosen: Sequence[LayerInfo],
 
 
 def interventions(settings: SteerSettings, layers: Sequence[LayerInfo], probes: ProbeSet | None,
-                  targets: np.ndarray, n_steps: int) -> list[AddVector]:
+                  targets: np.ndarray, n_steps: int, n_classes: int) -> list[AddVector]:
     """One AddVector per layer: alpha times the unit direction of each sample's target class at
     each step, zero for untouched samples (which then stay bit-identical to their base)."""
     steered = torch.from_numpy(targets != UNTOUCHED)
     classes = torch.from_numpy(np.where(targets == UNTOUCHED, 0, targets))
     result = []
     for i, layer in enumerate(layers):
-        directions = _directions(settings, layer, probes, n_steps, i)  # [S, K, W]
+        directions = _directions(settings, layer, probes, n_steps, n_classes, i)  # [S, K, W]
         vectors = directions[:, classes].transpose(0, 1) * settings.alpha  # [B, S, W]
         vectors[~steered] = 0
         result.append(AddVector(layer.name, vectors.float(), start=settings.window.start,
@@ -110,9 +111,8 @@ def interventions(settings: SteerSettings, layers: Sequence[LayerInfo], probes: 
 
 
 def _directions(settings: SteerSettings, layer: LayerInfo, probes: ProbeSet | None,
-                n_steps: int, index: int) -> torch.Tensor:
+                n_steps: int, n_classes: int, index: int) -> torch.Tensor:
     if settings.method == "random":  # the control: random unit directions, same alpha
-        n_classes = len(probes.classes) if probes is not None else 2
         g = torch.Generator().manual_seed(settings.seed * 1000 + index)
         return torch.nn.functional.normalize(
             torch.randn(n_steps, n_classes, layer.width, generator=g), dim=-1)

@@ -75,7 +75,7 @@ def test_steering_moves_the_probe_logit_towards_the_target(localized, tiny):
     window = step_window(0.3, None, 8)
     targets = np.array([0, 1, 0, 1])
     settings = SteerSettings("icm", 15.0, window)
-    edits = interventions(settings, [registry[layer]], probes, targets, 8)
+    edits = interventions(settings, [registry[layer]], probes, targets, 8, n_classes=2)
     prompts = ["a photo of a person"] * 4
 
     def record(edits):
@@ -148,7 +148,7 @@ def test_steps_before_the_window_are_untouched(localized, tiny):
     pipe, registry, _ = tiny("tiny_sd15")
     window = step_window(0.5, None, 8)
     edits = interventions(SteerSettings("icm", 20.0, window), [registry[probes.layers[0]]],
-                          probes, np.array([1, 0]), 8)
+                          probes, np.array([1, 0]), 8, n_classes=2)
 
     def record(edits):
         generators = [torch.Generator().manual_seed(i) for i in range(2)]

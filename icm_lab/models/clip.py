@@ -23,6 +23,7 @@ class Clip:
     preprocess: Callable  # PIL image -> tensor
     tokenizer: Callable  # list[str] -> token tensor
     device: torch.device
+    batch_size: int = 32
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
@@ -31,8 +32,13 @@ class Clip:
 
     @torch.no_grad()
     def encode_images(self, images: list) -> torch.Tensor:
-        batch = torch.stack([self.preprocess(image) for image in images]).to(self.device)
-        return torch.nn.functional.normalize(self.model.encode_image(batch).float(), dim=-1)
+        """Unit image features, `[N, dim]`, encoded `batch_size` images at a time."""
+        features = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            batch = torch.stack([self.preprocess(image) for image in chunk]).to(self.device)
+            features.append(self.model.encode_image(batch).float())
+        return torch.nn.functional.normalize(torch.cat(features), dim=-1)
 
 
 def load_clip(cfg: DictConfig) -> Clip:
@@ -51,4 +57,4 @@ def load_clip(cfg: DictConfig) -> Clip:
             "clip.pretrained=/path/to/open_clip_model.safetensors."
         ) from error
     model.eval()
-    return Clip(model, preprocess, open_clip.get_tokenizer(cfg.model), device)
+    return Clip(model, preprocess, open_clip.get_tokenizer(cfg.model), device, cfg.batch_size)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from icm_lab.artefacts import Provenance, fingerprint
 from icm_lab.generation import generate
 from icm_lab.labeler import Labels
-from icm_lab.models.layers import LayerInfo
+from icm_lab.models.layers import LAYER_KINDS, LayerInfo
 from icm_lab.runner import RunContext
 from icm_lab.store import ActivationStore, StoreWriter
 
@@ -46,7 +46,7 @@ def recorded_layers(ctx: RunContext) -> list[LayerInfo]:
     """`collect.record`: layer kinds and/or explicit layer names, in registry order."""
     chosen: set[str] = set()
     for item in ctx.cfg.collect.record:
-        is_kind = item in ("attn1", "attn2", "bottleneck", "all")
+        is_kind = item in (*LAYER_KINDS, "all")
         chosen.update(layer.name for layer in ctx.registry.select(item if is_kind else [item]))
     return [layer for layer in ctx.registry if layer.name in chosen]
 

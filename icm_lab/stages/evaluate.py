@@ -26,6 +26,7 @@ from icm_lab.metrics import (
     fairness_by_prompt,
     fid_kid,
     image_tensor,
+    load_images,
 )
 from icm_lab.runner import RunContext
 from icm_lab.stages.steer import SteerResult
@@ -42,13 +43,11 @@ def evaluate(ctx: RunContext) -> dict:
         raise ValueError("evaluate got zero images: eval.n_images_per_prompt and the concept's "
                          "eval_prompts must give at least one")
     classes, target = list(concept.classes), concept.target
-    base_paths = [result.base_root / p for p in table["base_image"]]
-    steered_root = result.base_root if (table["image_root"] == "base").all() else \
-        result.steered_root
-    steered_paths = [steered_root / p for p in table["image"]]
+    base_paths, steered_paths = result.image_paths()
+    base_images, steered_images = load_images(base_paths), load_images(steered_paths)
 
-    base_features = ctx.clip.encode_images([_open(p) for p in base_paths])
-    steered_features = ctx.clip.encode_images([_open(p) for p in steered_paths])
+    base_features = ctx.clip.encode_images(base_images)
+    steered_features = ctx.clip.encode_images(steered_images)
     prompt_features = ctx.clip.encode_texts(list(table["prompt"]))
     table["base_clip_t"] = clip_score(base_features, prompt_features).cpu().numpy()
     table["clip_t"] = clip_score(steered_features, prompt_features).cpu().numpy()
@@ -58,7 +57,7 @@ def evaluate(ctx: RunContext) -> dict:
     steered = fairness_by_prompt(table, "label", "p_", classes, target)
     base["clip_t"] = float(table["base_clip_t"].mean())
     steered |= {"clip_t": float(table["clip_t"].mean()), "clip_i": float(table["clip_i"].mean())}
-    steered |= quality(ctx, base_paths, steered_paths)
+    steered |= quality(ctx, base_images, steered_images)
 
     metrics = {
         "model": cfg.model.name, "concept": cfg.concept.name, "method": cfg.method,
@@ -85,14 +84,14 @@ def evaluate(ctx: RunContext) -> dict:
     return metrics
 
 
-def quality(ctx: RunContext, base_paths: list[Path], steered_paths: list[Path]) -> dict:
+def quality(ctx: RunContext, base_images: list, steered_images: list) -> dict:
     """FID/KID of the steered images against the base images, and against a reference folder."""
     feature_name = ctx.cfg.eval.features
     if feature_name not in FEATURES:
         raise ValueError(f"unknown eval.features {feature_name!r}; valid: {list(FEATURES)}")
     feature = ClipImageFeatures(ctx.clip) if feature_name == "clip" else 2048
-    steered = image_tensor(steered_paths)
-    scores = fid_kid(image_tensor(base_paths), steered, feature)
+    steered = image_tensor(steered_images)
+    scores = fid_kid(image_tensor(base_images), steered, feature)
     reference = ctx.cfg.eval.get("reference_dir")
     if reference:
         paths = sorted(p for p in Path(reference).iterdir()
@@ -100,12 +99,6 @@ def quality(ctx: RunContext, base_paths: list[Path], steered_paths: list[Path]) 
         if not paths:
             raise ValueError(f"eval.reference_dir {reference} holds no .png/.jpg images")
         size = steered.shape[-2:]
-        against = fid_kid(image_tensor(paths, size=tuple(size)), steered, feature)
+        against = fid_kid(image_tensor(load_images(paths), size=tuple(size)), steered, feature)
         scores |= {f"{key}_reference": value for key, value in against.items()}
     return scores
-
-
-def _open(path: Path):
-    from PIL import Image
-
-    return Image.open(path).convert("RGB")

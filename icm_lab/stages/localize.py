@@ -113,8 +113,7 @@ def fit_all_layers(ctx: RunContext, store: ActivationStore, decided: np.ndarray,
         result = scores(fit.logits(x[:, test].float()), y_test, n_classes)
         for i, layer in enumerate(batch):
             rows = slice(i * store.n_steps, (i + 1) * store.n_steps)
-            fits[layer.name] = type(fit)(fit.mean[rows], fit.scale[rows], fit.weight[rows],
-                                         fit.bias[rows])
+            fits[layer.name] = fit.rows(rows)
             tables.append(pd.DataFrame({
                 "layer": layer.name, "kind": layer.kind, "width": layer.width,
                 "step": np.arange(store.n_steps),
@@ -189,8 +188,7 @@ def explicit_swap(ctx: RunContext, probes: ProbeSet) -> pd.DataFrame:
 
 
 def _label_counts(ctx: RunContext, plan: pd.DataFrame, swaps: list[SwapContext]) -> pd.Series:
-    images = generate_all(ctx, list(plan["prompt"]), list(plan["seed"]), swaps,
-                          batch_size=ctx.cfg.collect.batch_size)
+    images = generate_all(ctx, list(plan["prompt"]), list(plan["seed"]), swaps)
     labels = ctx.labeler(images).labels
     return pd.Series(labels).value_counts().reindex([*ctx.concept.classes, UNDECIDED],
                                                     fill_value=0)

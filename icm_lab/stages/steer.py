@@ -28,6 +28,7 @@ from icm_lab.runner import RunContext
 from icm_lab.selection import select_layers, step_window
 from icm_lab.stages.collect import labelled_table, sample_seed, save_images
 from icm_lab.steering import (
+    LAYER_METHODS,
     UNTOUCHED,
     SteerSettings,
     assign_targets,
@@ -36,7 +37,6 @@ from icm_lab.steering import (
 )
 
 log = logging.getLogger(__name__)
-NEEDS_PROBES = ("icm", "attn2", "all_layers", "hspace")
 
 
 @dataclass
@@ -45,6 +45,14 @@ class SteerResult:
     base_root: Path  # where base image paths are relative to
     steered_root: Path  # where steered image paths are relative to
     layers: list[str]
+
+    def image_paths(self, rows: pd.DataFrame | None = None) -> tuple[list[Path], list[Path]]:
+        """Absolute paths of the base and steered image of each row (method=none: both base)."""
+        rows = self.table if rows is None else rows
+        roots = {"base": self.base_root, "steer": self.steered_root}
+        return ([self.base_root / p for p in rows["base_image"]],
+                [roots[root] / p for root, p in zip(rows["image_root"], rows["image"],
+                                                    strict=True)])
 
 
 def eval_plan(prompts: tuple[str, ...], per_prompt: int, seed: int) -> pd.DataFrame:
@@ -88,14 +96,14 @@ def steer(ctx: RunContext) -> SteerResult:
                              window=step_window(cfg.steer.start, cfg.steer.end, cfg.model.steps),
                              halves=cfg.steer.halves, renorm=cfg.steer.renorm, seed=cfg.seed)
     plan = eval_plan(concept.eval_prompts, cfg.eval.n_images_per_prompt, cfg.seed)
-    probes = load_probes(ctx) if cfg.method in (*NEEDS_PROBES, "random") else None
+    # random needs probes too: their scores rank layers for layers=auto.
+    probes = load_probes(ctx) if cfg.method in LAYER_METHODS else None
     base, base_root = base_images(ctx, plan)
     targets = plan_targets(ctx, plan, base)
 
     layers = []
-    if cfg.method in ("icm", "attn2", "all_layers", "hspace", "random"):
-        scores = probes.scores if probes is not None else None
-        chosen = select_layers(cfg.layers, ctx.registry, scores, settings.window)
+    if probes is not None:
+        chosen = select_layers(cfg.layers, ctx.registry, probes.scores, settings.window)
         layers = steered_layers(cfg.method, chosen, ctx.registry)
     log.info("steer: method %s, alpha %s, steps %d-%d, layers %s", cfg.method, settings.alpha,
              settings.window.start, settings.window.stop - 1, [layer.name for layer in layers])
@@ -106,15 +114,17 @@ def steer(ctx: RunContext) -> SteerResult:
     if cfg.method == "none":
         images = None
     else:
-        edits = interventions(settings, layers, probes, targets, cfg.model.steps)
+        edits = interventions(settings, layers, probes, targets, cfg.model.steps,
+                              len(concept.classes))
         images = generate_all(ctx, prompts, list(plan["seed"]), edits, desc=f"steer ({cfg.method})")
     table = result_table(ctx, plan, base, targets, images, out)
     table.to_parquet(out / "images.parquet", index=False)
     table.to_csv(out / "images.csv", index=False)
-    grids = draw_grids(table, base_root, out)
+    result = SteerResult(table, base_root, out, [layer.name for layer in layers])
+    grids = draw_grids(result)
     ctx.tracker.log_images({f"steer/grid_{i}": path for i, path in enumerate(grids)})
     ctx.tracker.log_table("steer/images", table)
-    return SteerResult(table, base_root, out, [layer.name for layer in layers])
+    return result
 
 
 def load_probes(ctx: RunContext) -> ProbeSet:
@@ -175,15 +185,16 @@ def result_table(ctx: RunContext, plan: pd.DataFrame, base: pd.DataFrame, target
         image_root="steer")
 
 
-def draw_grids(table: pd.DataFrame, base_root: Path, out: Path, per_grid: int = 8) -> list[Path]:
-    (out / "grids").mkdir(parents=True, exist_ok=True)
+def draw_grids(result: SteerResult, per_grid: int = 8) -> list[Path]:
+    """A before/after grid per prompt, in `<run>/steer/grids/`."""
+    out = result.steered_root / "grids"
+    out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for prompt_id, rows in table.groupby("prompt_id"):
+    for prompt_id, rows in result.table.groupby("prompt_id"):
         rows = rows.head(per_grid)
-        steered_root = base_root if (rows["image_root"] == "base").all() else out
-        path = out / "grids" / f"prompt_{prompt_id:03d}.png"
+        path = out / f"prompt_{prompt_id:03d}.png"
         before_after_grid(
-            [base_root / p for p in rows["base_image"]], [steered_root / p for p in rows["image"]],
+            *result.image_paths(rows),
             before=list(rows["base_label"]), after=list(rows["label"]),
             targets=list(rows["target"]), title=rows["prompt"].iloc[0], path=path)
         paths.append(path)
