@@ -172,7 +172,8 @@ def bench_probes(args: argparse.Namespace, overrides: list[str]) -> None:
         balanced = []
         for x in layers:
             probes = x.to(device).permute(1, 0, 2)  # [steps, n, width]
-            fit = fit_probes(backend, probes[:, train], y[train].to(device), 2)
+            options = {"tol": args.probe_tol} if backend == "logreg" else {}
+            fit = fit_probes(backend, probes[:, train], y[train].to(device), 2, **options)
             logits = fit.logits(probes[:, test].float())
             balanced.append(scores(logits, y[test].to(device), 2)["balanced_accuracy"].cpu())
         _sync()
@@ -182,7 +183,8 @@ def bench_probes(args: argparse.Namespace, overrides: list[str]) -> None:
         fit_probes("logreg", layers[0][:64, :2].permute(1, 0, 2).to(device),
                    y[:64].to(device), 2)
     seconds, reference = run("sklearn", "cpu")
-    setting = f"{len(widths)} layers (SD1.5 widths) x {steps} steps, N={n}"
+    setting = (f"{len(widths)} layers (SD1.5 widths) x {steps} steps, N={n}, "
+               f"logreg tol {args.probe_tol:g}")
     print(f"probes: {setting}\n  sklearn per-probe loop {seconds:.1f} s", flush=True)
     for device in devices:
         ours, balanced = run("logreg", device)
@@ -215,6 +217,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--probe-steps", type=int, default=50)
+    parser.add_argument("--probe-tol", type=float, default=1e-3,
+                        help="logreg's gradient tolerance (conf/probe/logreg.yaml: 1e-3)")
     args, overrides = parser.parse_known_args()
     torch.set_grad_enabled(False)
     for name in args.only or BENCHMARKS:
