@@ -3,9 +3,9 @@ PYTHON_BOOT ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
-MODEL ?= tiny_sd15
+MODEL ?= toy
 
-.PHONY: install test run bench lint layers tables clean
+.PHONY: install test run bench lint layers tables toy-model toy-quality clean
 
 install: $(INSTALLED)
 
@@ -37,6 +37,14 @@ tables: $(INSTALLED)
 	@test -f $(TABLE_RUNS)/alpha/.done || ($(PY) -m icm_lab -m model=$(MODEL) method=icm \
 		steer.alpha=0,5,15,30 hydra.sweep.dir=$(TABLE_RUNS)/alpha && touch $(TABLE_RUNS)/alpha/.done)
 	$(PY) -m icm_lab.tables
+
+# Retrain the toy world (pipeline + CLIP) from its seed into icm_lab/toy/weights, then measure it.
+toy-model: $(INSTALLED)
+	$(PY) -m icm_lab.toy.train
+	$(PY) -m icm_lab.toy.quality
+
+toy-quality: $(INSTALLED)
+	$(PY) -m icm_lab.toy.quality
 
 layers: $(INSTALLED)
 	$(PY) -m icm_lab layers model=$(MODEL)

@@ -18,12 +18,13 @@ from icm_lab.config import CONFIG_DIR, compose_config
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
-def run_app(cfg: DictConfig) -> None:
-    from icm_lab.runner import run
+def run_app(cfg: DictConfig) -> float | None:
+    from icm_lab.runner import objective, run
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    run(cfg, run_dir)
+    results = run(cfg, run_dir)
     print(f"icm_lab: results in {run_dir} (stage artefacts are linked there by stage name)")
+    return objective(cfg, results.get("evaluate"))  # for optimising sweepers (sweeps/optuna)
 
 
 def layers_command(overrides: list[str]) -> None:

@@ -3,9 +3,12 @@ and a reader refuses one that does not match what it expects."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,32 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
+
+
+_held: dict[Path, int] = {}  # locks this process holds, with their nesting depth
+
+
+@contextmanager
+def artefact_lock(root: Path) -> Iterator[None]:
+    """An exclusive lock on the artefact at `root` (the file `<root>.lock`) for the `with` block,
+    between processes and re-entrant within one. The OS drops it when the holder dies, so a
+    killed job never leaves a stale lock behind."""
+    path = Path(root).resolve()
+    if _held.get(path):
+        _held[path] += 1
+        try:
+            yield
+        finally:
+            _held[path] -= 1
+        return
+    with open(path.parent / f"{path.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        _held[path] = 1
+        try:
+            yield
+        finally:
+            del _held[path]
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def read_json(path: Path) -> Any:

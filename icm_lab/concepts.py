@@ -19,17 +19,21 @@ class Concept:
     eval_prompts: tuple[str, ...]
     target: np.ndarray  # target distribution over classes
     templates: tuple[str, ...] = ()
-    template_of: dict[str, int] = field(default_factory=dict, repr=False)  # neutral -> template
+    # neutral prompt -> (template, subject) it was made from
+    source_of: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)
+    oracle_attribute: str | None = None  # the toy world's attribute (labeler=oracle)
+    fairface_labels: dict[str, tuple[str, ...]] = field(default_factory=dict)  # labeler=fairface
 
     def explicit_for(self, neutral_prompt: str, class_name: str) -> str:
-        """The neutral prompt's template filled with the class's first word: "a photo of a
-        person" -> "a photo of a woman"."""
+        """The neutral prompt with the class named, by its first word: "a photo of a person" ->
+        "a photo of a woman"; a word with a slot modifies the subject: "red {}" turns "a small
+        circle" into "a small red circle"."""
         if class_name not in self.classes:
             raise ValueError(f"unknown class {class_name!r}; valid: {list(self.classes)}")
-        if neutral_prompt not in self.template_of:
+        if neutral_prompt not in self.source_of:
             raise ValueError(f"{neutral_prompt!r} is not a neutral prompt of {self.name!r}")
-        template = self.templates[self.template_of[neutral_prompt]]
-        return template.format(self.class_words[class_name][0])
+        template, subject = self.source_of[neutral_prompt]
+        return template.format(_name(self.class_words[class_name][0], subject))
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Concept:
@@ -42,19 +46,29 @@ class Concept:
         empty = [k for k in names if not texts[k] or not words[k]]
         if empty:
             raise ValueError(f"concept {cfg.name!r}: classes {empty} need `words` and `texts`")
+        subjects = list(cfg.subjects)
         return cls(
             name=cfg.name,
             classes=names,
-            neutral_prompts=tuple(t.format(s) for t in templates for s in cfg.subjects),
-            explicit_prompts={k: tuple(t.format(w) for t in templates for w in words[k])
-                              for k in names},
+            neutral_prompts=tuple(t.format(s) for t in templates for s in subjects),
+            explicit_prompts={k: tuple(dict.fromkeys(
+                t.format(_name(w, s)) for t in templates for w in words[k] for s in subjects))
+                for k in names},
             class_words=words,
             classifier_texts=texts,
             eval_prompts=tuple(cfg.eval_prompts),
             target=_target(cfg.get("target"), names, cfg.name),
             templates=tuple(templates),
-            template_of={t.format(s): i for i, t in enumerate(templates) for s in cfg.subjects},
+            source_of={t.format(s): (t, s) for t in templates for s in subjects},
+            oracle_attribute=cfg.get("oracle"),
+            fairface_labels={k: tuple(cfg.classes[k].fairface) for k in names
+                             if cfg.classes[k].get("fairface")},
         )
+
+
+def _name(word: str, subject: str) -> str:
+    """A class word replaces the subject ("a woman"), or modifies it ("red {}")."""
+    return word.format(subject) if "{}" in word else word
 
 
 def _target(values: object, classes: tuple[str, ...], concept: str) -> np.ndarray:

@@ -6,9 +6,26 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
+
+
+def register_sweeps() -> list[str]:
+    """`sweeps/NAME.yaml` as the `sweep` config group, merged at the top level, so that
+    `python -m icm_lab -m +sweep=NAME` runs it. (Hydra finds groups only under a search-path
+    root; the config store puts sweeps/ there without moving it into conf/.)"""
+    store = ConfigStore.instance()
+    names = sorted(path.stem for path in SWEEPS_DIR.glob("*.yaml"))
+    for name in names:
+        store.store(group="sweep", name=name, node=OmegaConf.load(SWEEPS_DIR / f"{name}.yaml"),
+                    package="_global_")
+    return names
+
+
+register_sweeps()
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:

@@ -11,6 +11,7 @@ FID / KID through torchmetrics, on Inception or CLIP image-tower features.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,7 +33,9 @@ def fairness(labels: Sequence[str], probs: np.ndarray, classes: Sequence[str],
         raise ValueError("fairness needs at least one image, got zero")
     hard = np.array([(labels == k).sum() for k in classes], dtype=float)
     hard = hard / n_decided if n_decided else np.full(len(classes), np.nan)
-    soft = np.asarray(probs, dtype=float).mean(axis=0)
+    with warnings.catch_warnings():  # all-NaN columns (no image had a reading) give NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        soft = np.nanmean(np.asarray(probs, dtype=float), axis=0)  # NaN rows have no reading
     with np.errstate(divide="ignore", invalid="ignore"):
         kl_terms = np.where(hard > 0, hard * np.log(hard / target), 0.0)
     return {

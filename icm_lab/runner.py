@@ -7,6 +7,8 @@ layer registry, concept, CLIP) once, on first use, so a stage that is skipped lo
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -14,9 +16,9 @@ from typing import Any
 from diffusers import DiffusionPipeline
 from omegaconf import DictConfig, OmegaConf
 
-from icm_lab.artefacts import Provenance
+from icm_lab.artefacts import Provenance, artefact_lock
 from icm_lab.concepts import Concept
-from icm_lab.labeler import ClipLabeler
+from icm_lab.labeler import Labeler, make_labeler
 from icm_lab.models.clip import Clip, load_clip
 from icm_lab.models.layers import LayerRegistry, layer_registry
 from icm_lab.models.loading import load_pipeline
@@ -63,8 +65,8 @@ class RunContext:
         return load_clip(self.cfg.clip)
 
     @cached_property
-    def labeler(self) -> ClipLabeler:
-        return ClipLabeler(self.clip, self.concept, self.cfg.labeler.min_confidence)
+    def labeler(self) -> Labeler:
+        return make_labeler(self.cfg.labeler, self.concept, lambda: self.clip)
 
     def artefact_dir(self, provenance: Provenance) -> Path:
         """Content-addressed: runs with the same stage fingerprint share (and resume) it. The run
@@ -76,6 +78,14 @@ class RunContext:
         if not link.exists():
             link.symlink_to(path.resolve(), target_is_directory=True)
         return path
+
+    @contextmanager
+    def artefact(self, provenance: Provenance) -> Iterator[Path]:
+        """`artefact_dir`, held under an exclusive lock for the block: concurrent jobs that need
+        the same artefact wait while the first computes it, then find it complete and reuse it."""
+        path = self.artefact_dir(provenance)
+        with artefact_lock(path):
+            yield path
 
 
 def validate_stages(stages: list[str]) -> list[str]:
@@ -89,17 +99,30 @@ def validate_stages(stages: list[str]) -> list[str]:
     return list(stages)
 
 
+def objective(cfg: DictConfig, metrics: dict | None) -> float | None:
+    """The value a sweeper minimises: the steered `objective.metric`; below the CLIP-I floor,
+    1 + metric + shortfall, which ranks behind every feasible trial since FD < 1."""
+    if metrics is None:
+        return None
+    value = float(metrics["steered"][cfg.objective.metric])
+    floor = cfg.objective.clip_i_floor
+    clip_i = metrics["steered"].get("clip_i")
+    if floor is not None and clip_i is not None and clip_i < floor:
+        return 1 + value + (floor - clip_i)
+    return value
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run the configured stages in order and return their artefacts by stage name."""
     stages = validate_stages(list(cfg.stages))
     ctx = RunContext(cfg, run_dir)
     (ctx.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tracker = ctx.tracker  # started first, so a job that fails early still has its run
     exit_code = 1
     try:
         for stage in stages:
             ctx.stage(stage)
         exit_code = 0
     finally:
-        if "tracker" in ctx.__dict__:  # only if a stage started one
-            ctx.tracker.finish(exit_code=exit_code)
+        tracker.finish(exit_code=exit_code)
     return {stage: ctx.results[stage] for stage in stages}

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from safetensors.numpy import load_file, save_file
 
-from icm_lab.artefacts import Provenance, read_json, write_json_atomic
+from icm_lab.artefacts import Provenance, artefact_lock, read_json, write_json_atomic
 from icm_lab.models.layers import LayerInfo
 
 
@@ -77,6 +77,8 @@ class StoreWriter:
             write_json_atomic(stamp, asdict(provenance))
 
     def _shard_dirs(self) -> Iterator[tuple[int, int, Path]]:
+        if not self.shards.is_dir():  # finalized meanwhile
+            return
         for path in sorted(self.shards.iterdir()):
             if path.is_dir() and not path.name.startswith("."):
                 start, end = (int(x) for x in path.name.split("-"))
@@ -87,18 +89,25 @@ class StoreWriter:
         return {i for start, end, _ in self._shard_dirs() for i in range(start, end)}
 
     def write_shard(self, start: int, activations: dict[str, np.ndarray], samples: pd.DataFrame):
+        """Written beside the store, then renamed into shards/ under the artefact's lock, so
+        concurrent shard jobs and a finalizing job never see half a shard."""
         end = start + len(samples)
         final = self.shards / f"{start:07d}-{end:07d}"
-        tmp = self.shards / f".{final.name}.{os.getpid()}.tmp"
+        tmp = self.root / f".shard-{final.name}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_file({k: np.ascontiguousarray(v) for k, v in activations.items()},
                   tmp / "activations.safetensors")
         samples.to_parquet(tmp / "samples.parquet", index=False)
-        os.replace(tmp, final)
+        with artefact_lock(self.root):
+            if ActivationStore.is_complete(self.root) or final.is_dir():
+                shutil.rmtree(tmp)  # merged meanwhile, or another job wrote this same shard
+            else:
+                os.replace(tmp, final)
 
     def finalize(self) -> ActivationStore:
-        """Pack the shards into one array per layer; idempotent if interrupted."""
+        """Pack the shards into one array per layer; idempotent if interrupted. The caller
+        holds the artefact's lock."""
         shards = list(self._shard_dirs())
         covered = sorted(i for start, end, _ in shards for i in range(start, end))
         if covered != list(range(self.n_total)):
@@ -136,4 +145,6 @@ class StoreWriter:
             "dtype": "float16",
         })
         shutil.rmtree(self.shards)
+        for stale in self.root.glob(".shard-*.tmp"):  # left by killed jobs
+            shutil.rmtree(stale, ignore_errors=True)
         return ActivationStore(self.root, expect=self.provenance)

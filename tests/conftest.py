@@ -1,6 +1,7 @@
 """Tests run on the CPU, offline: nothing here may touch the network."""
 
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -16,8 +17,14 @@ from icm_lab.models.loading import load_pipeline  # noqa: E402
 torch.set_num_threads(2)
 
 
+# Most tests run the random tiny SD1.5 twin on a people concept; the toy world has its own tests.
+TEST_DEFAULTS = {"model": "tiny_sd15", "concept": "gender"}
+
+
 def make_config(*overrides: str):
-    return compose_config(overrides)
+    chosen = {o.split("=")[0].lstrip("+~") for o in overrides}
+    defaults = [f"{k}={v}" for k, v in TEST_DEFAULTS.items() if k not in chosen]
+    return compose_config([*defaults, *overrides])
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +40,25 @@ def tiny():
         return cache[name]
 
     return get
+
+
+def wandb_records(run_file) -> list:
+    """The protobuf records of an offline W&B run file (`run-*.wandb`): a LevelDB-style log of
+    32 KiB blocks after a 7-byte header, each record chunked as FULL, or FIRST/MIDDLE/LAST."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, chunks, records = Path(run_file).read_bytes(), 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunks = (chunks if kind in (3, 4) else b"") + data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            records.append(record)
+    return records

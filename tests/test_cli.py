@@ -26,7 +26,7 @@ def test_console_script_is_installed():
 
 
 def test_default_run_reports_where_results_are(tmp_path):
-    """What `make run` does, with only the output paths moved."""
+    """What `make run` does (the toy world, end to end), with only the output paths moved."""
     result = run(sys.executable, "-m", "icm_lab", f"paths.root={tmp_path}",
                  f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 0, result.stderr
@@ -35,7 +35,7 @@ def test_default_run_reports_where_results_are(tmp_path):
     assert (tmp_path / "run" / "config.yaml").exists()
     assert (tmp_path / "run" / "localize" / "separability.png").exists()
     assert (tmp_path / "run" / "layer_ranking.png").exists()
-    assert len(list((tmp_path / "run" / "steer" / "grids").glob("*.png"))) == 12
+    assert len(list((tmp_path / "run" / "steer" / "grids").glob("*.png"))) == 3  # eval prompts
     assert (tmp_path / "run" / "metrics.json").exists()
 
 
@@ -48,9 +48,9 @@ def test_bad_stage_fails_with_a_clear_message(tmp_path):
 
 
 def test_alpha_by_layers_multirun_shares_collection_and_probes(tmp_path):
-    result = run(sys.executable, "-m", "icm_lab", "-m", "steer.alpha=5,15",
-                 "layers=auto,paper_sd15", "collect.n_images=30", "model.steps=4",
-                 "eval.n_images_per_prompt=2", f"paths.root={tmp_path}",
+    result = run(sys.executable, "-m", "icm_lab", "-m", "model=tiny_sd15", "concept=gender",
+                 "steer.alpha=5,15", "layers=auto,paper_sd15", "collect.n_images=30",
+                 "model.steps=4", "eval.n_images_per_prompt=2", f"paths.root={tmp_path}",
                  f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted((tmp_path / "sweep").glob("[0-9]*"))

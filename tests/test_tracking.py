@@ -1,7 +1,10 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from icm_lab.runner import run
-from tests.conftest import make_config
+from tests.conftest import make_config, wandb_records
 
 
 def test_offline_wandb_run_holds_the_logged_keys(tmp_path, monkeypatch):
@@ -25,3 +28,25 @@ def test_logger_none_writes_no_wandb_files(tmp_path):
                       "stages=[collect,localize]")
     run(cfg, tmp_path / "run")
     assert not Path(tmp_path / "run" / "wandb").exists()
+
+
+def test_each_multirun_job_is_a_wandb_run_in_the_sweep_group_finished_with_its_exit_code(
+        tmp_path):
+    """Job 0 succeeds; job 1 has a NaN alpha and fails: its run is still finished, exit code 1."""
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, "-m", "icm_lab", "-m", "model=tiny_sd15", "concept=gender",
+         "logger=wandb", "steer.alpha=5,nan", "collect.n_images=30", "model.steps=4",
+         "eval.n_images_per_prompt=2", "stages=[collect,localize,steer]",
+         f"paths.root={tmp_path}", f"hydra.sweep.dir={sweep}"],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "WANDB_MODE": "offline"})
+    assert result.returncode != 0 and "steer.alpha must be a finite number" in result.stderr
+    runs = {}
+    for job in ("0", "1"):
+        (run_file,) = (sweep / job / "wandb").glob("offline-run-*/run-*.wandb")
+        records = {r.WhichOneof("record_type"): r for r in wandb_records(run_file)}
+        runs[job] = (records["run"].run.run_group, records["run"].run.display_name,
+                     records["exit"].exit.exit_code)
+    assert runs == {"0": ("sweep", "tiny_sd15-gender-0", 0),
+                    "1": ("sweep", "tiny_sd15-gender-1", 1)}

@@ -31,7 +31,7 @@ from transformers import (
 
 from icm_lab.models.tokenizers import byte_tokenizer, clip_tokenizer
 
-_SD_SCHEDULER = dict(
+SD_SCHEDULER = dict(
     beta_start=0.00085,
     beta_end=0.012,
     beta_schedule="scaled_linear",
@@ -94,7 +94,7 @@ def _sd15_pipeline(vae: AutoencoderKL, text_encoder: CLIPTextModel,
         text_encoder=text_encoder,
         tokenizer=clip_tokenizer(),
         unet=unet,
-        scheduler=DDIMScheduler(**_SD_SCHEDULER),
+        scheduler=DDIMScheduler(**SD_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -136,7 +136,7 @@ def tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
         tokenizer=clip_tokenizer(),
         tokenizer_2=clip_tokenizer(pad_token="!"),
         unet=unet,
-        scheduler=DDIMScheduler(**_SD_SCHEDULER),
+        scheduler=DDIMScheduler(**SD_SCHEDULER),
         force_zeros_for_empty_prompt=True,
     )
 

@@ -51,9 +51,10 @@ def _clip_tokenizer_dir() -> Path:
     return directory
 
 
-def clip_tokenizer(pad_token: str = CLIP_EOS) -> CLIPTokenizer:
+def clip_tokenizer(pad_token: str = CLIP_EOS, model_max_length: int = 77) -> CLIPTokenizer:
     """The exact SD1.5 CLIP tokenizer (SDXL's second tokenizer pads with "!" instead)."""
-    return CLIPTokenizer.from_pretrained(_clip_tokenizer_dir(), pad_token=pad_token)
+    return CLIPTokenizer.from_pretrained(_clip_tokenizer_dir(), pad_token=pad_token,
+                                         model_max_length=model_max_length)
 
 
 def byte_tokenizer(max_length: int = 128) -> PreTrainedTokenizerFast:

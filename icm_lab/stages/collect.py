@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from icm_lab.artefacts import Provenance, fingerprint
@@ -62,7 +63,7 @@ def collect_provenance(ctx: RunContext) -> Provenance:
             concept=cfg.concept,
             clip=cfg.clip.model,
             clip_pretrained=cfg.clip.pretrained,
-            labeler=cfg.labeler.min_confidence,
+            labeler=cfg.labeler,
             n_images=cfg.collect.n_images,
             batch_size=cfg.collect.batch_size,
             record=cfg.collect.record,
@@ -71,34 +72,76 @@ def collect_provenance(ctx: RunContext) -> Provenance:
     )
 
 
-def collect(ctx: RunContext) -> ActivationStore:
+def shard_of(cfg: DictConfig) -> tuple[int, int]:
+    """(`collect.shard`, `collect.num_shards`), checked."""
+    shard, n = cfg.collect.shard, cfg.collect.num_shards
+    if not isinstance(n, int) or n < 1 or not isinstance(shard, int) or not 0 <= shard < n:
+        raise ValueError(f"collect.shard={shard!r} must be an integer in [0, collect.num_shards) "
+                         f"and collect.num_shards={n!r} a positive integer")
+    return shard, n
+
+
+def collect(ctx: RunContext) -> ActivationStore | None:
+    """The store. Unsharded, one job writes it (others wanting it wait on its lock). With
+    `collect.num_shards=n`, job `collect.shard=i` writes batches i, i+n, ... into the same
+    store without a lock, and whichever job finds every batch on disk merges them; a store
+    merged from shards equals the unsharded one, since a sample depends only on (seed, index).
+    Returns None from a shard job while other shards are still missing."""
     cfg = ctx.cfg
-    plan = sample_plan(ctx.concept.neutral_prompts, cfg.collect.n_images, cfg.seed)
+    shard, num_shards = shard_of(cfg)
     provenance = collect_provenance(ctx)
     root = ctx.artefact_dir(provenance)
-    if ActivationStore.is_complete(root):
-        log.info("collect: reusing the complete store at %s", root)
-        return ActivationStore(root, expect=provenance)
-
-    layers = recorded_layers(ctx)
-    writer = StoreWriter(root, provenance, layers, n_total=len(plan))
-    done = writer.done()
-    batch_size = int(cfg.collect.batch_size)
-    starts = [s for s in range(0, len(plan), batch_size) if s not in done]
-    if done:
-        log.info("collect: resuming, %d of %d samples already on disk", len(done), len(plan))
-    images_dir = root / "images"
-    for start in tqdm(starts, desc="collect", unit="batch"):
-        rows = plan.iloc[start : start + batch_size]
-        images, activations = generate(ctx, list(rows["prompt"]), list(rows["seed"]),
-                                       record=[layer.name for layer in layers])
-        labels = ctx.labeler(images)
-        paths = save_images(images, rows["index"], images_dir, root)
-        writer.write_shard(start, activations, labelled_table(rows, labels, paths))
-    store = writer.finalize()
+    if num_shards > 1 and not ActivationStore.is_complete(root):
+        # Disjoint batches, each renamed into place whole: no lock held while generating.
+        ShardedCollection(ctx, provenance, root).write(shard, num_shards)
+    with ctx.artefact(provenance) as root:
+        if ActivationStore.is_complete(root):
+            log.info("collect: reusing the complete store at %s", root)
+            return ActivationStore(root, expect=provenance)
+        collection = ShardedCollection(ctx, provenance, root)
+        if num_shards == 1:
+            collection.write(0, 1)
+        missing = collection.writer.n_total - len(collection.writer.done())
+        if missing:
+            log.info("collect: shard %d/%d written; %d samples await other shards (rerun "
+                     "without collect.num_shards to finish and merge)", shard, num_shards, missing)
+            if list(cfg.stages)[-1] != "collect":
+                raise ValueError(f"collect is sharded and {missing} samples are missing, so "
+                                 f"later stages cannot run; use stages=[collect] for shard jobs")
+            return None
+        store = collection.writer.finalize()
     log.info("collect: %d samples x %d layers x %d steps in %s",
-             len(store), len(layers), store.n_steps, root)
+             len(store), len(store.layers), store.n_steps, root)
     return store
+
+
+class ShardedCollection:
+    """The sample plan, split into batches, and the writer of one store."""
+
+    def __init__(self, ctx: RunContext, provenance: Provenance, root: Path):
+        cfg = ctx.cfg
+        self.ctx, self.root = ctx, root
+        self.plan = sample_plan(ctx.concept.neutral_prompts, cfg.collect.n_images, cfg.seed)
+        self.layers = recorded_layers(ctx)
+        self.writer = StoreWriter(root, provenance, self.layers, n_total=len(self.plan))
+        self.batch_size = int(cfg.collect.batch_size)
+
+    def write(self, shard: int, num_shards: int) -> None:
+        """Generate and write batches shard, shard + num_shards, ... not yet on disk."""
+        done = self.writer.done()
+        starts = list(range(0, len(self.plan), self.batch_size))[shard::num_shards]
+        starts = [s for s in starts if s not in done]
+        if done and starts:
+            log.info("collect: resuming, %d of %d samples on disk", len(done), len(self.plan))
+        for start in tqdm(starts, desc="collect", unit="batch"):
+            if ActivationStore.is_complete(self.root):
+                return  # another job merged the store meanwhile
+            rows = self.plan.iloc[start : start + self.batch_size]
+            images, activations = generate(self.ctx, list(rows["prompt"]), list(rows["seed"]),
+                                           record=[layer.name for layer in self.layers])
+            paths = save_images(images, rows["index"], self.root / "images", self.root)
+            self.writer.write_shard(start, activations,
+                                    labelled_table(rows, self.ctx.labeler(images), paths))
 
 
 def save_images(images: list, indices: pd.Series, directory: Path, root: Path) -> list[str]:

@@ -18,6 +18,8 @@ import json
 import logging
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from icm_lab.artefacts import write_json_atomic
 from icm_lab.figures import class_distribution
 from icm_lab.metrics import (
@@ -63,8 +65,8 @@ def evaluate(ctx: RunContext) -> dict:
         "model": cfg.model.name, "concept": cfg.concept.name, "method": cfg.method,
         "layers": result.layers, "alpha": float(cfg.steer.alpha), "classes": classes,
         "target": target.tolist(), "seed": cfg.seed,
-        "classifier": {"clip": cfg.clip.model, "pretrained": cfg.clip.pretrained,
-                       "min_confidence": cfg.labeler.min_confidence,
+        "classifier": {**OmegaConf.to_container(cfg.labeler, resolve=True),
+                       "clip": cfg.clip.model, "pretrained": cfg.clip.pretrained,
                        "texts": {k: list(v) for k, v in concept.classifier_texts.items()}},
         "base": base, "steered": steered,
     }

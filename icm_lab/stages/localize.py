@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from itertools import groupby
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -68,11 +69,15 @@ def localize_provenance(ctx: RunContext, store: ActivationStore) -> Provenance:
 def implicit_map(ctx: RunContext) -> ProbeSet:
     store: ActivationStore = ctx.stage("collect")
     provenance = localize_provenance(ctx, store)
-    root = ctx.artefact_dir(provenance)
-    if ProbeSet.is_complete(root):
-        log.info("localize: reusing the probes at %s", root)
-        return ProbeSet(root, expect=provenance)
+    with ctx.artefact(provenance) as root:
+        if ProbeSet.is_complete(root):
+            log.info("localize: reusing the probes at %s", root)
+            return ProbeSet(root, expect=provenance)
+        return _fit_and_report(ctx, store, provenance, root)
 
+
+def _fit_and_report(ctx: RunContext, store: ActivationStore, provenance: Provenance,
+                    root: Path) -> ProbeSet:
     classes = list(ctx.concept.classes)
     samples = store.samples
     decided = np.flatnonzero(samples["label"].to_numpy() != UNDECIDED)

@@ -74,20 +74,20 @@ def base_images(ctx: RunContext, plan: pd.DataFrame) -> tuple[pd.DataFrame, Path
     provenance = Provenance("base", cfg.model.name, cfg.concept.name, fingerprint(
         model={k: v for k, v in cfg.model.items() if k != "device"},
         prompts=list(plan["prompt"]), seeds=list(plan["seed"]), clip=cfg.clip.model,
-        clip_pretrained=cfg.clip.pretrained, labeler=cfg.labeler.min_confidence,
+        clip_pretrained=cfg.clip.pretrained, labeler=cfg.labeler,
         classes=list(ctx.concept.classes), texts=ctx.concept.classifier_texts,
     ))
-    root = ctx.artefact_dir(provenance)
-    table_path = root / "images.parquet"
-    if table_path.exists():
-        log.info("steer: reusing the base images at %s", root)
-        return pd.read_parquet(table_path), root
-    images = generate_all(ctx, list(plan["prompt"]), list(plan["seed"]), desc="base images")
-    paths = save_images(images, plan["index"], root / "images", root)
-    table = labelled_table(plan, ctx.labeler(images), paths)
-    table.to_parquet(root / ".images.parquet.tmp", index=False)
-    (root / ".images.parquet.tmp").replace(table_path)  # atomic: complete or absent
-    return table, root
+    with ctx.artefact(provenance) as root:
+        table_path = root / "images.parquet"
+        if table_path.exists():
+            log.info("steer: reusing the base images at %s", root)
+            return pd.read_parquet(table_path), root
+        images = generate_all(ctx, list(plan["prompt"]), list(plan["seed"]), desc="base images")
+        paths = save_images(images, plan["index"], root / "images", root)
+        table = labelled_table(plan, ctx.labeler(images), paths)
+        table.to_parquet(root / ".images.parquet.tmp", index=False)
+        (root / ".images.parquet.tmp").replace(table_path)  # atomic: complete or absent
+        return table, root
 
 
 def steer(ctx: RunContext) -> SteerResult:

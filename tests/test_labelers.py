@@ -1,0 +1,127 @@
+"""The oracle and FairFace labelers (the CLIP labeler is tested in test_concepts.py)."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_config
+from PIL import Image
+from safetensors.torch import save_file
+
+from icm_lab.concepts import Concept
+from icm_lab.labeler import (
+    FAIRFACE_LABELS,
+    UNDECIDED,
+    FairFaceLabeler,
+    OracleLabeler,
+    load_fairface,
+    make_labeler,
+)
+from icm_lab.metrics import fairness
+from icm_lab.toy import world
+
+
+def concept(name: str) -> Concept:
+    return Concept.from_config(make_config(f"concept={name}").concept)
+
+
+def blank() -> Image.Image:
+    return Image.new("RGB", (32, 32), world.BACKGROUND)
+
+
+def test_oracle_labeler_reads_the_concepts_attribute_and_leaves_empty_images_undecided():
+    rng = np.random.default_rng(0)
+    scenes = [world.Scene("circle", "blue", "small", "", True, True),
+              world.Scene("square", "yellow", "large", "", True, True)]
+    images = [world.render(scene, rng) for scene in scenes] + [blank()]
+    colors = OracleLabeler(concept("color"))(images)
+    assert colors.labels == ["blue", "yellow", UNDECIDED]
+    assert colors.probs[0].tolist() == [0, 0, 1, 0] and np.isnan(colors.probs[2]).all()
+    assert OracleLabeler(concept("size"))(images).labels == ["small", "large", UNDECIDED]
+    # An image without a reading counts as undecided and stays out of the soft frequencies.
+    result = fairness(colors.labels, colors.probs, colors.classes, np.full(4, 0.25))
+    assert result["n_undecided"] == 1 and result["fd_soft"] == pytest.approx(result["fd"])
+
+
+def test_oracle_labeler_refuses_concepts_outside_the_toy_world():
+    with pytest.raises(ValueError, match="concept 'gender' has no `oracle:` attribute"):
+        OracleLabeler(concept("gender"))
+
+
+@pytest.fixture(scope="module")
+def fairface_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    import torchvision
+
+    model = torchvision.models.resnet34(weights=None)
+    model.fc = torch.nn.Linear(model.fc.in_features, len(FAIRFACE_LABELS))
+    path = tmp_path_factory.mktemp("fairface") / "res34_fair.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    pt = path.with_suffix(".pt")
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, pt)
+    return path, pt, model
+
+
+def test_fairface_loads_both_checkpoint_formats(fairface_checkpoint):
+    path, pt, model = fairface_checkpoint
+    x = torch.randn(1, 3, 224, 224)
+    for checkpoint in (str(path), str(pt)):
+        loaded = load_fairface(checkpoint).eval()
+        assert torch.allclose(loaded(x), model.eval()(x), atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="labeler.checkpoint='/nope.pt' is not a file"):
+        load_fairface("/nope.pt")
+
+
+def test_fairface_maps_head_probabilities_to_classes_and_no_face_is_undecided(
+        fairface_checkpoint, monkeypatch):
+    path, _, model = fairface_checkpoint
+    labeler = FairFaceLabeler(concept("race"), str(path), min_confidence=0.0, device="cpu")
+    face = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 96, 3), np.uint8))
+    # OpenCV finds faces in real photos; here the crop is pinned to check the head arithmetic.
+    found = {id(face)}
+    crop = face.crop((25, 25, 55, 55)).resize((224, 224))
+    monkeypatch.setattr(labeler, "face_crop", lambda im: crop if id(im) in found else None)
+    labels = labeler([face, blank()])
+    assert labels.labels[1] == UNDECIDED and np.isnan(labels.probs[1]).all()
+
+    from torchvision.transforms.functional import normalize, to_tensor
+    x = normalize(to_tensor(crop), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])[None]
+    race = torch.softmax(model.eval()(x)[0, :7], dim=0).detach().numpy()
+    names = FAIRFACE_LABELS[:7]
+    expected = [race[[names.index(n) for n in labels_]].sum()
+                for labels_ in concept("race").fairface_labels.values()]
+    np.testing.assert_allclose(labels.probs[0], expected, atol=1e-5)
+    assert labels.probs[0].sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_fairface_real_detector_finds_no_face_in_a_plain_image(fairface_checkpoint):
+    labeler = make_labeler(make_config("concept=gender", "labeler=fairface",
+                                       f"labeler.checkpoint={fairface_checkpoint[0]}").labeler,
+                           concept("gender"), clip=lambda: None)
+    assert labeler.face_crop(Image.new("RGB", (128, 128), (200, 180, 160))) is None
+    assert labeler([Image.new("RGB", (128, 128), (200, 180, 160))]).labels == [UNDECIDED]
+
+
+def test_fairface_refuses_concepts_without_fairface_labels(fairface_checkpoint):
+    with pytest.raises(ValueError, match="needs `fairface:` labels per class in concept 'color'"):
+        FairFaceLabeler(concept("color"), str(fairface_checkpoint[0]), 0.5, "cpu")
+
+
+def test_unknown_labeler_lists_the_valid_ones():
+    cfg = make_config("labeler=oracle").labeler
+    cfg.name = "dlib"
+    with pytest.raises(ValueError, match="unknown labeler 'dlib'; valid: clip, oracle, fairface"):
+        make_labeler(cfg, concept("color"), clip=lambda: None)
+
+
+def test_fairface_crop_is_the_largest_face_grown_by_the_margin(fairface_checkpoint):
+    labeler = FairFaceLabeler(concept("gender"), str(fairface_checkpoint[0]), 0.5, "cpu",
+                              margin=0.25)
+
+    class Detector:  # two faces found: the crop takes the larger one
+        def detectMultiScale(self, gray, **kwargs):  # noqa: N802 (OpenCV's name)
+            return np.array([[0, 0, 10, 10], [40, 40, 40, 40]])
+
+    labeler._detector = Detector()
+    image = Image.fromarray(np.arange(128 * 128 * 3, dtype=np.uint8).reshape(128, 128, 3))
+    expected = image.crop((30, 30, 90, 90)).resize((224, 224))  # 40 px face + 10 px per side
+    assert np.array_equal(np.asarray(labeler.face_crop(image)), np.asarray(expected))

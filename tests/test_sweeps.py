@@ -1,0 +1,110 @@
+"""Sweeps at scale: the ready-made sweeps, launchers, shared and sharded artefacts."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_config
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from icm_lab.config import CONFIG_DIR, register_sweeps
+from icm_lab.runner import run
+from icm_lab.store import ActivationStore
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["model=tiny_sd15", "concept=gender", "collect.n_images=16", "collect.batch_size=4",
+        "model.steps=4", "eval.n_images_per_prompt=2"]
+
+
+def icm_lab(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "icm_lab", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("name", register_sweeps())
+def test_each_sweep_composes_and_sweeps_over_real_options(name):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"+sweep={name}"], return_hydra_config=True)
+        params = cfg.hydra.sweeper.params
+        assert params, f"sweep {name} sweeps nothing"
+        for key, values in params.items():
+            if "(" in values:  # an Optuna distribution: interval(1, 40), range(1, 6)
+                assert OmegaConf.select(cfg, key) is not None, key
+                continue
+            for value in values.split(","):  # every value composes: a real option or key
+                job = compose("config", overrides=[f"+sweep={name}", f"{key}={value}"])
+                assert str(OmegaConf.select(job, key.split(".")[0]) is not None)
+
+
+def test_sweeps_are_listed_for_the_sweep_group():
+    assert {"layers_alpha", "probe", "start", "methods", "localization", "optuna"} <= set(
+        register_sweeps())
+
+
+def test_two_by_two_multirun_on_submitit_local_shares_one_collection(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = icm_lab("-m", "hydra/launcher=submitit_local", *TINY, "steer.alpha=5,15",
+                     "layers.k=1,2", f"paths.root={tmp_path}", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.name.isdigit())
+    assert len(jobs) == 4
+    assert len({(job / "collect").resolve() for job in jobs}) == 1
+    assert len(list((tmp_path / "outputs" / "artefacts" / "collect").iterdir())) == 2  # + .lock
+    for job in jobs:
+        assert (job / "metrics.json").exists()
+
+
+def collect_store(root: Path, *overrides: str) -> ActivationStore | None:
+    cfg = make_config(*TINY, f"paths.root={root}", "stages=[collect]", *overrides)
+    return run(cfg, root / "run")["collect"]
+
+
+def assert_same_store(a: ActivationStore, b: ActivationStore) -> None:
+    assert [layer.name for layer in a.layers] == [layer.name for layer in b.layers]
+    for layer in a.layers:
+        assert np.array_equal(a[layer.name], b[layer.name]), layer.name
+    assert a.samples.equals(b.samples)
+
+
+def test_sharded_collection_merges_into_the_unsharded_store(tmp_path):
+    reference = collect_store(tmp_path / "reference")
+    assert collect_store(tmp_path / "sharded", "collect.num_shards=3", "collect.shard=2") is None
+    assert collect_store(tmp_path / "sharded", "collect.num_shards=3", "collect.shard=0") is None
+    merged = collect_store(tmp_path / "sharded", "collect.num_shards=3", "collect.shard=1")
+    assert merged is not None and ActivationStore.is_complete(merged.root)
+    assert_same_store(merged, reference)
+
+
+def test_a_shard_job_cannot_run_later_stages_on_a_partial_store(tmp_path):
+    cfg = make_config(*TINY, f"paths.root={tmp_path}", "collect.num_shards=2",
+                      "stages=[collect,localize]")
+    with pytest.raises(ValueError, match="use stages=\\[collect\\] for shard jobs"):
+        run(cfg, tmp_path / "run")
+    with pytest.raises(ValueError, match="collect.shard=2 must be an integer in"):
+        collect_store(tmp_path, "collect.num_shards=2", "collect.shard=2")
+
+
+def test_concurrent_jobs_share_one_uncorrupted_cache(tmp_path):
+    """At once, on one cache: two shard jobs (joblib, in parallel) and two whole runs
+    (collect + localize). Every job succeeds and the store equals one collected alone."""
+    shared = f"paths.root={tmp_path / 'shared'}"
+    commands = [
+        ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY, "stages=[collect]",
+         "collect.num_shards=2", "collect.shard=0,1", shared, f"hydra.sweep.dir={tmp_path}/s"],
+        ["-m", *TINY, "stages=[collect,localize]", "seed=0,0", shared,
+         f"hydra.sweep.dir={tmp_path}/w"],
+    ]
+    jobs = [subprocess.Popen([sys.executable, "-m", "icm_lab", *args], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for args in commands]
+    for job in jobs:
+        _, stderr = job.communicate(timeout=900)
+        assert job.returncode == 0, stderr[-3000:]
+    artefacts = tmp_path / "shared" / "outputs" / "artefacts"
+    (store,) = [p for p in (artefacts / "collect").iterdir() if p.is_dir()]
+    assert not list(store.glob(".shard-*")) and not (store / "shards").exists()
+    assert_same_store(ActivationStore(store), collect_store(tmp_path / "alone"))
+    assert len([p for p in (artefacts / "localize").iterdir() if p.is_dir()]) == 1

@@ -1,0 +1,64 @@
+"""The toy world: generator, oracle, concepts, the training recipe, and the science on the
+shipped model (DESIGN.md section 6)."""
+
+
+import numpy as np
+from conftest import make_config
+from safetensors.torch import load_file
+
+from icm_lab.concepts import Concept
+from icm_lab.models.loading import load_pipeline
+from icm_lab.toy import world
+from icm_lab.toy.train import Settings, train
+
+
+def test_world_is_seeded_and_unnamed_attributes_follow_the_biased_prior():
+    images, scenes = world.dataset(3000, seed=1)
+    again, _ = world.dataset(3000, seed=1)
+    assert images.shape == (3000, 32, 32, 3) and np.array_equal(images, again)
+    circles = [s.color for s in scenes if s.shape == "circle" and not s.color_named]
+    assert abs(np.mean([c == "red" for c in circles]) - world.COLOR_PRIOR["circle"]["red"]) < 0.05
+    named = [s.color for s in scenes if s.shape == "circle" and s.color_named]
+    assert abs(np.mean([c == "red" for c in named]) - 0.25) < 0.05  # named: uniform
+    for scene in scenes[:50]:  # the caption names exactly what it says it names
+        assert (scene.color in scene.caption) == scene.color_named
+        assert (scene.size in scene.caption) == scene.size_named
+
+
+def test_oracle_reads_rendered_scenes():
+    images, scenes = world.dataset(1000, seed=2)
+    readings = [world.oracle(image) for image in images]
+    for attribute, floor in (("color", 1.0), ("size", 1.0), ("shape", 0.98)):
+        accuracy = np.mean([getattr(r, attribute) == getattr(s, attribute)
+                            for r, s in zip(readings, scenes, strict=True)])
+        assert accuracy >= floor, (attribute, accuracy)
+
+
+def test_toy_concepts_name_the_attribute_in_the_worlds_word_order():
+    color = Concept.from_config(make_config("concept=color").concept)
+    assert len(color.neutral_prompts) == 27 and color.oracle_attribute == "color"
+    assert color.explicit_for("a picture of a small circle", "blue") == \
+        "a picture of a small blue circle"
+    assert not any(c in p for p in color.neutral_prompts for c in world.COLORS)
+    size = Concept.from_config(make_config("concept=size").concept)
+    assert (size.explicit_for("a drawing of a red square", "large")
+            == "a drawing of a large red square")
+    assert not any(s in p for p in size.neutral_prompts for s in world.SIZES)
+
+
+def test_training_is_deterministic_and_loads_through_from_pretrained(tmp_path):
+    """The recipe, shrunk to a few steps, run twice from one seed: identical weights."""
+    settings = Settings(n_images=64, vae_steps=3, vae_batch=8, unet_steps=3, unet_batch=8,
+                        clip_steps=3, clip_batch=8)
+    reports = [train(tmp_path / name, settings, device=__import__("torch").device("cpu"))
+               for name in ("a", "b")]
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                 "vae/diffusion_pytorch_model.safetensors"):
+        a, b = (load_file(tmp_path / name / "pipeline" / part) for name in ("a", "b"))
+        assert all((a[k] == b[k]).all() for k in a), part
+    a, b = (load_file(tmp_path / name / "clip.safetensors") for name in ("a", "b"))
+    assert all((a[k] == b[k]).all() for k in a)
+    assert reports[0]["final_loss"] == reports[1]["final_loss"]
+    cfg = make_config("model=toy", f"model.pretrained={tmp_path / 'a' / 'pipeline'}").model
+    pipe = load_pipeline(cfg)
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and pipe.vae_scale_factor == 4
