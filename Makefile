@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 MODEL ?= toy
 
-.PHONY: install test run bench lint layers tables toy-model toy-quality clean
+.PHONY: install test run bench lint layers tables sweep toy-model toy-quality clean
 
 install: $(INSTALLED)
 
@@ -31,12 +31,16 @@ lint: $(INSTALLED)
 # an alpha sweep), unless a completed sweep is already on disk.
 TABLE_RUNS := outputs/multirun/tables-$(MODEL)
 tables: $(INSTALLED)
-	@test -f $(TABLE_RUNS)/methods/.done || ($(PY) -m icm_lab -m model=$(MODEL) \
-		method=none,icm,attn2,hspace,random,prompt hydra.sweep.dir=$(TABLE_RUNS)/methods \
-		&& touch $(TABLE_RUNS)/methods/.done)
+	@test -f $(TABLE_RUNS)/methods/.done || ($(PY) -m icm_lab -m model=$(MODEL) +sweep=methods \
+		hydra.sweep.dir=$(TABLE_RUNS)/methods && touch $(TABLE_RUNS)/methods/.done)
 	@test -f $(TABLE_RUNS)/alpha/.done || ($(PY) -m icm_lab -m model=$(MODEL) method=icm \
 		steer.alpha=0,5,15,30 hydra.sweep.dir=$(TABLE_RUNS)/alpha && touch $(TABLE_RUNS)/alpha/.done)
 	$(PY) -m icm_lab.tables
+
+# A ready-made sweep from sweeps/: make sweep NAME=layers_alpha ARGS="model=sd15 hydra/launcher=slurm"
+sweep: $(INSTALLED)
+	@test -n "$(NAME)" || (echo "usage: make sweep NAME=<one of: $(basename $(notdir $(wildcard sweeps/*.yaml)))> [ARGS=...]" && exit 2)
+	$(PY) -m icm_lab -m +sweep=$(NAME) $(ARGS)
 
 # Retrain the toy world (pipeline + CLIP) from its seed into icm_lab/toy/weights, then measure it.
 toy-model: $(INSTALLED)

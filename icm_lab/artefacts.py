@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-SCHEMA_VERSION = 1  # bump when an artefact layout changes, so old artefacts are not reused
+SCHEMA_VERSION = 2  # bump when an artefact layout changes, so old artefacts are not reused
 
 
 class ArtefactMismatchError(RuntimeError):

@@ -5,6 +5,8 @@
                            L/weight [S, W, O], L/bias [S, O]   probe on standardised features
                            L/direction [S, K, W]               unit steering direction per class,
                                                                in raw activation space
+                           L/direction_mean_diff [S, K, W]     the same from the difference of
+                                                               class means, whatever the probe
                          metadata: provenance, classes, backend
     scores.parquet/.csv  one row per (layer, step): balanced_accuracy, accuracy, auroc, ...
     meta.json            written last: the artefact is complete
@@ -50,9 +52,10 @@ class ProbeSet:
         with safe_open(self.root / self.FILE, framework="pt") as f:
             return f.get_tensor(f"{layer}/{field}")
 
-    def directions(self, layer: str) -> torch.Tensor:
-        """`[steps, classes, width]` unit directions in raw activation space."""
-        return self._tensor(layer, "direction")
+    def directions(self, layer: str, source: str = "probe") -> torch.Tensor:
+        """`[steps, classes, width]` unit directions in raw activation space, from the fitted
+        probe (`probe`) or from the difference of class means (`mean_diff`)."""
+        return self._tensor(layer, "direction" if source == "probe" else f"direction_{source}")
 
     def fit(self, layer: str) -> ProbeFit:
         """The layer's probes, one per step, as a batch of P = steps probes."""
@@ -60,13 +63,15 @@ class ProbeSet:
 
     @classmethod
     def write(cls, root: Path, provenance: Provenance, classes: list[str], backend: str,
-              fits: dict[str, ProbeFit], scores: pd.DataFrame) -> ProbeSet:
+              fits: dict[str, ProbeFit], mean_diffs: dict[str, ProbeFit],
+              scores: pd.DataFrame) -> ProbeSet:
         root.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for layer, fit in fits.items():
             tensors |= {f"{layer}/mean": fit.mean, f"{layer}/scale": fit.scale,
                         f"{layer}/weight": fit.weight, f"{layer}/bias": fit.bias,
-                        f"{layer}/direction": fit.directions(len(classes))}
+                        f"{layer}/direction": fit.directions(len(classes)),
+                        f"{layer}/direction_mean_diff": mean_diffs[layer].directions(len(classes))}
         tensors = {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}
         metadata = {"provenance": json.dumps(asdict(provenance)), "classes": json.dumps(classes),
                     "backend": backend}

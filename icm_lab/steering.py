@@ -62,6 +62,9 @@ def assign_targets(n: int, target: np.ndarray, seed: int, policy: str = "all",
     return targets
 
 
+DIRECTIONS = ["probe", "mean_diff"]  # which of the probe set's directions steer (ProbeSet)
+
+
 @dataclass(frozen=True)
 class SteerSettings:
     method: str
@@ -70,10 +73,13 @@ class SteerSettings:
     halves: str = "cond"
     renorm: bool = False
     seed: int = 0
+    direction: str = "probe"  # probe: the fitted probe's w / scale; mean_diff: class means'
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; valid: {list(METHODS)}")
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"unknown steer.direction {self.direction!r}; valid: {DIRECTIONS}")
         if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha):
             raise ValueError(f"steer.alpha must be a finite number, got {self.alpha!r}")
 
@@ -122,7 +128,7 @@ def _directions(settings: SteerSettings, layer: LayerInfo, probes: ProbeSet | No
         raise ValueError(f"no probes for layer {layer.name!r} (method {settings.method!r}); the "
                          f"probe set at {probes.root} covers {len(probes.layers)} layers: "
                          f"{probes.layers}. Record it in collect.record and localize again.")
-    directions = probes.directions(layer.name)
+    directions = probes.directions(layer.name, settings.direction)
     if directions.shape[0] != n_steps:
         raise ValueError(f"probes at {probes.root} have {directions.shape[0]} steps but the "
                          f"model runs {n_steps}")

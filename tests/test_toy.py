@@ -1,13 +1,15 @@
 """The toy world: generator, oracle, concepts, the training recipe, and the science on the
 shipped model (DESIGN.md section 6)."""
 
-
 import numpy as np
+import pytest
+import torch
 from conftest import make_config
 from safetensors.torch import load_file
 
 from icm_lab.concepts import Concept
 from icm_lab.models.loading import load_pipeline
+from icm_lab.runner import run
 from icm_lab.toy import world
 from icm_lab.toy.train import Settings, train
 
@@ -50,7 +52,7 @@ def test_training_is_deterministic_and_loads_through_from_pretrained(tmp_path):
     """The recipe, shrunk to a few steps, run twice from one seed: identical weights."""
     settings = Settings(n_images=64, vae_steps=3, vae_batch=8, unet_steps=3, unet_batch=8,
                         clip_steps=3, clip_batch=8)
-    reports = [train(tmp_path / name, settings, device=__import__("torch").device("cpu"))
+    reports = [train(tmp_path / name, settings, device=torch.device("cpu"))
                for name in ("a", "b")]
     for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
                  "vae/diffusion_pytorch_model.safetensors"):
@@ -62,3 +64,40 @@ def test_training_is_deterministic_and_loads_through_from_pretrained(tmp_path):
     cfg = make_config("model=toy", f"model.pretrained={tmp_path / 'a' / 'pipeline'}").model
     pipe = load_pipeline(cfg)
     assert type(pipe).__name__ == "StableDiffusionPipeline" and pipe.vae_scale_factor == 4
+
+
+# --- the science, on the shipped model ---------------------------------------------------------
+
+# The default run with exact labels (the oracle) and the mean_diff probe, whose ranking finds the
+# encoder-side layer that steers the colour (README, "The toy world").
+SCIENCE = ["model=toy", "concept=color", "labeler=oracle", "probe=mean_diff"]
+CLIP_I_FLOOR = 0.80  # documented in the README (toy world): steered images stay the same scene
+
+
+@pytest.fixture(scope="module")
+def science(tmp_path_factory):
+    root = tmp_path_factory.mktemp("science")
+    return {method: run(make_config(*SCIENCE, f"paths.root={root}", f"method={method}"),
+                        root / method)["evaluate"]
+            for method in ("icm", "random")}
+
+
+def test_icm_on_auto_selected_layers_cuts_the_colour_bias_to_a_third(science):
+    icm = science["icm"]
+    assert icm["base"]["fd"] > 0.3  # the model's implicit colour choice is strongly biased
+    assert icm["steered"]["fd"] <= icm["base"]["fd"] / 3, icm["steered"]["fd"]
+    assert icm["steered"]["clip_i"] >= CLIP_I_FLOOR
+
+
+def test_random_directions_of_the_same_strength_do_not(science):
+    assert science["random"]["steered"]["fd"] > science["icm"]["base"]["fd"] / 3
+    assert science["random"]["base"] == science["icm"]["base"]  # the same shared base images
+
+
+def test_explicit_prompts_keep_their_named_colour(tmp_path):
+    from icm_lab.runner import RunContext
+    from icm_lab.toy.quality import measure
+
+    report = measure(RunContext(make_config("model=toy"), tmp_path), per_prompt=8)
+    for attribute in ("color", "size"):
+        assert report[attribute]["explicit_accuracy"] >= 0.95, report[attribute]

@@ -8,6 +8,7 @@ from typing import Any
 
 import diffusers
 import torch
+import transformers
 from diffusers import DiffusionPipeline
 from omegaconf import DictConfig, OmegaConf
 
@@ -65,6 +66,9 @@ def _from_pretrained(pipe_cls: type, model: DictConfig, dtype: torch.dtype) -> D
     kwargs: dict[str, Any] = OmegaConf.to_container(model.load_kwargs, resolve=True) or {}
     if model.get("variant"):
         kwargs["variant"] = model.variant
+    # Loading takes seconds; its per-component progress bars would only bury the run's own.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     try:
         return pipe_cls.from_pretrained(model.pretrained, torch_dtype=dtype, **kwargs)
     except (OSError, ValueError) as error:

@@ -93,9 +93,10 @@ def _fit_and_report(ctx: RunContext, store: ActivationStore, provenance: Provena
     log.info("localize: %d images (%d undecided left out), %d train / %d test, split by %s",
              len(samples), len(samples) - len(decided), len(train), len(test),
              ctx.cfg.localize.split)
-    fits, tables = fit_all_layers(ctx, store, decided, y, train, test, len(classes))
+    fits, mean_diffs, tables = fit_all_layers(ctx, store, decided, y, train, test, len(classes))
     table = pd.concat(tables, ignore_index=True)
-    probes = ProbeSet.write(root, provenance, classes, ctx.cfg.probe.name, fits, table)
+    probes = ProbeSet.write(root, provenance, classes, ctx.cfg.probe.name, fits, mean_diffs,
+                            table)
     separability_heatmaps(table, root / "separability.png",
                           title=f"{ctx.cfg.model.name}: {ctx.cfg.concept.name} separability")
     return probes
@@ -109,23 +110,25 @@ def fit_all_layers(ctx: RunContext, store: ActivationStore, decided: np.ndarray,
     options = {k: v for k, v in probe.items() if k not in ("name", "device", "batch_mb")}
     y_train = torch.as_tensor(y[train], device=device)
     y_test = torch.as_tensor(y[test], device=device)
-    fits, tables = {}, []
+    fits, mean_diffs, tables = {}, {}, []
     for batch in tqdm(_layer_batches(store, probe.batch_mb), desc="localize", unit="batch"):
         # One read of each layer's array: [N, S, W] float16 -> probes [L * S, n, W].
         x = torch.from_numpy(np.stack([store[layer.name][decided] for layer in batch]))
         x = x.to(device).permute(0, 2, 1, 3).reshape(-1, len(decided), batch[0].width)
         fit = fit_probes(probe.name, x[:, train], y_train, n_classes, **options)
+        mean_diff = fit_probes("mean_diff", x[:, train], y_train, n_classes)  # steer.direction
         result = scores(fit.logits(x[:, test].float()), y_test, n_classes)
         for i, layer in enumerate(batch):
             rows = slice(i * store.n_steps, (i + 1) * store.n_steps)
             fits[layer.name] = fit.rows(rows)
+            mean_diffs[layer.name] = mean_diff.rows(rows)
             tables.append(pd.DataFrame({
                 "layer": layer.name, "kind": layer.kind, "width": layer.width,
                 "step": np.arange(store.n_steps),
                 **{k: v[rows].cpu().numpy() for k, v in result.items()},
                 "n_train": len(train), "n_test": len(test),
             }))
-    return fits, tables
+    return fits, mean_diffs, tables
 
 
 def _layer_batches(store: ActivationStore, batch_mb: float) -> list[list[LayerInfo]]:

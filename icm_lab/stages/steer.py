@@ -94,7 +94,8 @@ def steer(ctx: RunContext) -> SteerResult:
     cfg, concept = ctx.cfg, ctx.concept
     settings = SteerSettings(method=cfg.method, alpha=cfg.steer.alpha,
                              window=step_window(cfg.steer.start, cfg.steer.end, cfg.model.steps),
-                             halves=cfg.steer.halves, renorm=cfg.steer.renorm, seed=cfg.seed)
+                             halves=cfg.steer.halves, renorm=cfg.steer.renorm, seed=cfg.seed,
+                             direction=cfg.steer.direction)
     plan = eval_plan(concept.eval_prompts, cfg.eval.n_images_per_prompt, cfg.seed)
     # random needs probes too: their scores rank layers for layers=auto.
     probes = load_probes(ctx) if cfg.method in LAYER_METHODS else None

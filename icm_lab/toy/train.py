@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -173,16 +174,17 @@ def train_denoiser(text_encoder: CLIPTextModel, unet: UNet2DConditionModel, late
     device, n = latents.device, len(latents)
     losses = []
     for _ in tqdm(range(s.unet_steps), desc="unet", mininterval=10):
+        # Every random draw comes from one CPU generator: the same stream on any device.
         idx = torch.randint(n, (s.unet_batch,), generator=gen)
-        x0 = latents[idx] + latent_std[idx] * torch.randn(latents[idx].shape, generator=gen)
+        shape = (s.unet_batch, *latents.shape[1:])
+        x0 = latents[idx] + latent_std[idx] * torch.randn(shape, generator=gen).to(device)
         drop = torch.rand(s.unet_batch, generator=gen) < s.caption_dropout
         ids = torch.where(drop[:, None], empty, tokens[idx]).to(device)
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(1000, (s.unet_batch,), generator=gen)
+        noise = torch.randn(shape, generator=gen).to(device)
+        t = torch.randint(1000, (s.unet_batch,), generator=gen).to(device)
         noisy = noise_schedule.add_noise(x0, noise, t)
-        context = text_encoder(ids)[0]
-        pred = unet(noisy.to(device), t.to(device), context).sample
-        loss = F.mse_loss(pred, noise.to(device))
+        pred = unet(noisy, t, text_encoder(ids)[0]).sample
+        loss = F.mse_loss(pred, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -240,6 +242,7 @@ def train_clip(model: open_clip.CLIP, images: np.ndarray, recons: np.ndarray,
 # --- the whole recipe ------------------------------------------------------------------------
 
 def train(out: Path, s: Settings, device: torch.device) -> dict:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     torch.manual_seed(s.seed)
     torch.use_deterministic_algorithms(True)
     gen = torch.Generator().manual_seed(s.seed)
