@@ -17,6 +17,15 @@ from omegaconf import DictConfig
 from icm_lab.config import CONFIG_DIR, compose_config
 
 
+GUIDE = [  # what a run leaves to look at, relative to its directory
+    ("metrics", "metrics.json"),
+    ("separability heatmaps", "localize/separability.png"),
+    ("layer ranking", "layer_ranking.png"),
+    ("before/after grids", "steer/grids"),
+    ("class distribution", "evaluate/distribution.png"),
+]
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def run_app(cfg: DictConfig) -> float | None:
     from icm_lab.runner import objective, run
@@ -24,6 +33,9 @@ def run_app(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     results = run(cfg, run_dir)
     print(f"icm_lab: results in {run_dir} (stage artefacts are linked there by stage name)")
+    for what, path in GUIDE:
+        if (run_dir / path).exists():
+            print(f"  {what:<24} {run_dir / path}")
     return objective(cfg, results.get("evaluate"))  # for optimising sweepers (sweeps/optuna)
 
 

@@ -145,6 +145,4 @@ class StoreWriter:
             "dtype": "float16",
         })
         shutil.rmtree(self.shards)
-        for stale in self.root.glob(".shard-*.tmp"):  # left by killed jobs
-            shutil.rmtree(stale, ignore_errors=True)
         return ActivationStore(self.root, expect=self.provenance)

@@ -23,6 +23,8 @@ TEST_DEFAULTS = {"model": "tiny_sd15", "concept": "gender"}
 
 def make_config(*overrides: str):
     chosen = {o.split("=")[0].lstrip("+~") for o in overrides}
+    if "experiment" in chosen:  # an experiment picks its own model and concept
+        chosen |= set(TEST_DEFAULTS)
     defaults = [f"{k}={v}" for k, v in TEST_DEFAULTS.items() if k not in chosen]
     return compose_config([*defaults, *overrides])
 

@@ -52,7 +52,8 @@ def test_two_by_two_multirun_on_submitit_local_shares_one_collection(tmp_path):
     jobs = sorted(p for p in sweep.iterdir() if p.name.isdigit())
     assert len(jobs) == 4
     assert len({(job / "collect").resolve() for job in jobs}) == 1
-    assert len(list((tmp_path / "outputs" / "artefacts" / "collect").iterdir())) == 2  # + .lock
+    stores = (tmp_path / "outputs" / "artefacts" / "collect").iterdir()
+    assert len([store for store in stores if store.is_dir()]) == 1
     for job in jobs:
         assert (job / "metrics.json").exists()
 
