@@ -16,7 +16,6 @@ from omegaconf import DictConfig
 
 from icm_lab.config import CONFIG_DIR, compose_config
 
-
 GUIDE = [  # what a run leaves to look at, relative to its directory
     ("metrics", "metrics.json"),
     ("separability heatmaps", "localize/separability.png"),
