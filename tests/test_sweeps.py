@@ -1,5 +1,6 @@
 """Sweeps at scale: the ready-made sweeps, launchers, shared and sharded artefacts."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from icm_lab.config import CONFIG_DIR, register_sweeps
-from icm_lab.runner import run
+from icm_lab.runner import objective, run
 from icm_lab.store import ActivationStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,3 +110,26 @@ def test_concurrent_jobs_share_one_uncorrupted_cache(tmp_path):
     assert not list(store.glob(".shard-*")) and not (store / "shards").exists()
     assert_same_store(ActivationStore(store), collect_store(tmp_path / "alone"))
     assert len([p for p in (artefacts / "localize").iterdir() if p.is_dir()]) == 1
+
+
+def test_optuna_sweep_minimises_the_objective_over_alpha_and_k(tmp_path):
+    sweep = tmp_path / "optuna"
+    result = icm_lab("-m", "+sweep=optuna", *TINY, "hydra.sweeper.n_trials=2",
+                     "objective.clip_i_floor=0.5", f"paths.root={tmp_path}",
+                     f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    assert set(best.best_params) == {"steer.alpha", "layers.k"}
+    assert 1 <= best.best_params["steer.alpha"] <= 40 and 0 <= best.best_value < 3
+    metrics = [json.loads(p.read_text()) for p in sweep.glob("*/metrics.json")]
+    assert len(metrics) == 2
+    assert min(objective(OmegaConf.create({"objective": {"metric": "fd", "clip_i_floor": 0.5}}),
+                         m) for m in metrics) == pytest.approx(best.best_value)
+
+
+def test_objective_ranks_trials_under_the_clip_i_floor_behind_every_other():
+    cfg = OmegaConf.create({"objective": {"metric": "fd", "clip_i_floor": 0.8}})
+    feasible = objective(cfg, {"steered": {"fd": 0.9, "clip_i": 0.85}})
+    infeasible = objective(cfg, {"steered": {"fd": 0.01, "clip_i": 0.7}})
+    assert feasible == 0.9 and infeasible == pytest.approx(1 + 0.01 + 0.1) > feasible
+    assert objective(cfg, None) is None
