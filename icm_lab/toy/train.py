@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from icm_lab.models.clip import CLIP_CONFIGS  # registers icm-toy-clip with open_clip
+import icm_lab.models.clip  # noqa: F401  (registers the icm-toy-clip config with open_clip)
 from icm_lab.models.tiny import SD_SCHEDULER
 from icm_lab.models.tokenizers import clip_tokenizer
 from icm_lab.toy import world
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 WEIGHTS = Path(__file__).parent / "weights"
 CLIP_MODEL = "icm-toy-clip"
 MAX_TOKENS = 16  # captions are at most 8 tokens; SD's 77 would only pad
-assert (CLIP_CONFIGS / f"{CLIP_MODEL}.json").exists()
 
 
 @dataclass
