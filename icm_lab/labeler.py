@@ -54,16 +54,19 @@ def decide(classes: tuple[str, ...], probs: np.ndarray, min_confidence: float) -
     return Labels(classes, probs, labels)
 
 
-def _check(images: list, min_confidence: float) -> None:
-    if not images:
-        raise ValueError("the labeler got zero images")
+def _check_confidence(min_confidence: float) -> None:
     if not 0 <= min_confidence <= 1:
         raise ValueError(f"labeler.min_confidence must be in [0, 1], got {min_confidence}")
 
 
+def _check_images(images: list) -> None:
+    if not images:
+        raise ValueError("the labeler got zero images")
+
+
 class ClipLabeler:
     def __init__(self, clip: Clip, concept: Concept, min_confidence: float):
-        _check([None], min_confidence)
+        _check_confidence(min_confidence)
         self.clip, self.classes = clip, concept.classes
         self.min_confidence = min_confidence
         texts = [text for k in self.classes for text in concept.classifier_texts[k]]
@@ -73,7 +76,7 @@ class ClipLabeler:
         self.text_features = clip.encode_texts(texts)
 
     def __call__(self, images: list[Image.Image]) -> Labels:
-        _check(images, self.min_confidence)
+        _check_images(images)
         similarity = (self.clip.encode_images(images) @ self.text_features.T).cpu()  # [n, texts]
         scores = torch.full((len(images), len(self.classes)), -torch.inf)
         scores = scores.scatter_reduce(
@@ -103,7 +106,7 @@ class OracleLabeler:
         self.classes, self.attribute, self._read = concept.classes, attribute, world.oracle
 
     def __call__(self, images: list[Image.Image]) -> Labels:
-        _check(images, 0.0)
+        _check_images(images)
         probs = np.full((len(images), len(self.classes)), np.nan)
         for row, image in enumerate(images):
             value = getattr(self._read(image), self.attribute)
@@ -130,7 +133,7 @@ class FairFaceLabeler:
 
     def __init__(self, concept: Concept, checkpoint: str | None, min_confidence: float,
                  device: str = "auto", margin: float = 0.25, batch_size: int = 32):
-        _check([None], min_confidence)
+        _check_confidence(min_confidence)
         self.classes, self.min_confidence = concept.classes, min_confidence
         self.margin, self.batch_size = margin, batch_size
         self.device = resolve_device(device)
@@ -160,7 +163,7 @@ class FairFaceLabeler:
 
     @torch.no_grad()
     def __call__(self, images: list[Image.Image]) -> Labels:
-        _check(images, self.min_confidence)
+        _check_images(images)
         from torchvision.transforms.functional import normalize, to_tensor
 
         probs = np.full((len(images), len(self.classes)), np.nan)

@@ -91,14 +91,16 @@ def collect(ctx: RunContext) -> ActivationStore | None:
     shard, num_shards = shard_of(cfg)
     provenance = collect_provenance(ctx)
     root = ctx.artefact_dir(provenance)
+    collection = None
     if num_shards > 1 and not ActivationStore.is_complete(root):
         # Disjoint batches, each renamed into place whole: no lock held while generating.
-        ShardedCollection(ctx, provenance, root).write(shard, num_shards)
+        collection = ShardedCollection(ctx, provenance, root)
+        collection.write(shard, num_shards)
     with ctx.artefact(provenance) as root:
         if ActivationStore.is_complete(root):
             log.info("collect: reusing the complete store at %s", root)
             return ActivationStore(root, expect=provenance)
-        collection = ShardedCollection(ctx, provenance, root)
+        collection = collection or ShardedCollection(ctx, provenance, root)
         if num_shards == 1:
             collection.write(0, 1)
         missing = collection.writer.n_total - len(collection.writer.done())
