@@ -4,8 +4,8 @@ A *probe batch* is `X: [P, N, W]`: P probes (one per layer and step, all of widt
 same N samples. Every backend standardises each probe's features on the training split, then
 fits one linear read-out per output: one for two classes, one-vs-rest per class for more.
 
-- `logreg`: L2 logistic regression, all P probes fitted together by accelerated gradient
-  descent in torch (CPU or GPU), each probe with its own step size.
+- `logreg`: L2 logistic regression, all P probes fitted together by conjugate gradients with
+  an exact line search per probe, in torch (CPU or GPU).
 - `sklearn`: `StandardScaler` + `LogisticRegression`, one probe at a time: the parity reference.
 - `mean_diff`: the difference of class means.
 
@@ -39,9 +39,10 @@ class ProbeFit:
                           for name in ("mean", "scale", "weight", "bias")))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """`[P, n, O]` logits for `x: [P, n, W]` in raw activation space."""
-        z = (x - self.mean[:, None]) / self.scale[:, None]
-        return torch.bmm(z, self.weight) + self.bias[:, None]
+        """`[P, n, O]` logits for `x: [P, n, W]` (any float dtype) in raw activation space."""
+        raw = self.weight / self.scale[..., None]  # standardisation folded into the weights
+        offset = self.bias[:, None] - torch.bmm(self.mean[:, None], raw)
+        return _matvec(x.float(), raw) + offset
 
     def directions(self, n_classes: int) -> torch.Tensor:
         """`[P, K, W]` unit steering directions in raw activation space, one per class.
@@ -58,11 +59,13 @@ class ProbeFit:
 
 def standardise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-probe feature mean and population std, as StandardScaler (constant features: 1)."""
-    # Two passes (mean, then squared deviations): exact for large offsets, and plain sums over
-    # the sample axis run faster on the CPU than torch.var_mean over a middle axis.
-    mean = x.sum(dim=1) / x.shape[1]
-    std = ((x - mean[:, None]).square().sum(dim=1) / x.shape[1]).sqrt()
-    return mean, torch.where(std > 0, std, torch.ones_like(std))
+    # Two passes (mean, then squared deviations): exact for large offsets. The sums over the
+    # sample axis are matrix products, which read x once and run far faster on the CPU than a
+    # reduction over a middle axis.
+    weights = x.new_full((x.shape[0], 1, x.shape[1]), 1 / x.shape[1])
+    mean = torch.bmm(weights, x)  # [P, 1, W]
+    std = torch.bmm(weights, (x - mean).square_()).sqrt_()
+    return mean[:, 0], torch.where(std > 0, std, torch.ones_like(std))[:, 0]
 
 
 def targets(y: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -77,63 +80,92 @@ def targets(y: torch.Tensor, n_classes: int) -> torch.Tensor:
 
 def fit_logreg(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float = 1.0,
                max_iter: int = 100, tol: float = 1e-3, chunk_mb: float | None = None) -> ProbeFit:
-    """All P probes together: Nesterov-accelerated gradient descent with a step of 1/L per probe,
-    stopping once every probe's largest gradient entry is below `tol`.
+    """All P probes together by nonlinear conjugate gradients, each probe (and each one-vs-rest
+    output) with its own exact line search, until every largest gradient entry is below `tol`.
 
-    Probes are solved in chunks of about `chunk_mb` of data: all at once on a GPU, 8 MB on the
-    CPU, where a chunk's iterations then run on cached data."""
+    `x` may be float16: probes are converted to float32 and solved in chunks of about
+    `chunk_mb`: all at once on a GPU, 8 MB on the CPU, where a chunk's iterations then run on
+    cached data."""
     if chunk_mb is None:
         chunk_mb = float("inf") if x.is_cuda else 8.0
     per_probe_mb = x[0].numel() * 4 / 2**20
     size = len(x) if chunk_mb == float("inf") else max(1, int(chunk_mb // per_probe_mb))
-    return ProbeFit.concat([_fit_logreg_chunk(x[i : i + size], y, n_classes, C, max_iter, tol)
-                            for i in range(0, len(x), size)])
+    t = targets(y, n_classes)
+    return ProbeFit.concat([
+        _fit_logreg_chunk(x[i : i + size].to(torch.float32, memory_format=torch.contiguous_format),
+                          t, C, max_iter, tol)
+        for i in range(0, len(x), size)])
 
 
-def _fit_logreg_chunk(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float,
-                      max_iter: int, tol: float) -> ProbeFit:
-    # Standardisation is folded into the products instead of copying x:
+def _fit_logreg_chunk(x: torch.Tensor, t: torch.Tensor, C: float, max_iter: int,
+                      tol: float) -> ProbeFit:
+    # Minimises the mean loss + ||w||^2 / 2Cn (sklearn's objective / Cn) over standardised z.
+    # Each iteration reads x twice (the gradient, then z @ gradient): margins are linear along
+    # the search direction, so the line search needs no further pass. The parameters are
+    # theta = [w; b], `[P, W + 1, O]`, with the unpenalised intercept last. Standardisation is
+    # folded into the products instead of copying x:
     # z @ w = x @ (w / scale) - mean . (w / scale), and z^T r = (x^T r - mean * sum(r)) / scale.
     mean, scale = standardise(x)
-    inv = (1 / scale)[..., None]  # [P, W, 1]
-    centre = mean[..., None]
-    n = x.shape[1]
-    t = targets(y, n_classes).to(x.dtype)  # [n, O]
+    inv, centre = (1 / scale)[..., None], mean[..., None]  # [P, W, 1]
+    (P, n, W), t = x.shape, t.to(x)
+    penalty = torch.full((W + 1, 1), 1 / (C * n), dtype=x.dtype, device=x.device)
+    penalty[W] = 0
 
-    def z_mv(w: torch.Tensor) -> torch.Tensor:
-        u = w * inv
-        return _matvec(x, u) - (centre * u).sum(dim=1, keepdim=True)
+    def z_mv(theta: torch.Tensor) -> torch.Tensor:  # [P, n, O]
+        u = theta[:, :W] * inv
+        return _matvec(x, u) + (theta[:, W:] - (centre * u).sum(dim=1, keepdim=True))
 
-    def z_rmv(r: torch.Tensor) -> torch.Tensor:
-        return (_rmatvec(x, r) - centre * r.sum(dim=1, keepdim=True)) * inv
+    def z_rmv(r: torch.Tensor) -> torch.Tensor:  # [P, W + 1, O]
+        total = r.sum(dim=1, keepdim=True)
+        return torch.cat([(_rmatvec(x, r) - centre * total) * inv, total], dim=1)
 
-    # Lipschitz constant of the mean-loss gradient: lambda_max(Z^T Z) / 4n + 1 / Cn (the
-    # intercept's column is orthogonal to the centred z and adds n <= lambda_max). A margin
-    # covers the underestimate of a few power iterations.
-    step = (1 / (1.5 * _top_eigenvalue(z_mv, z_rmv, x) / (4 * n) + 1 / (C * n)))[:, None, None]
-    w = torch.zeros(x.shape[0], x.shape[2], t.shape[1], dtype=x.dtype, device=x.device)
-    b = torch.zeros(x.shape[0], 1, t.shape[1], dtype=x.dtype, device=x.device)
-    w_prev, b_prev, momentum = w, b, 1.0
+    theta = x.new_zeros(P, W + 1, t.shape[1])
+    margin = x.new_zeros(P, n, t.shape[1])
+    busy = torch.ones(P, 1, t.shape[1], dtype=torch.bool, device=x.device)
+    direction, z_dir = torch.zeros_like(theta), torch.zeros_like(margin)
+    previous = torch.zeros_like(theta)
+    previous_norm = torch.full(busy.shape, float("inf"), dtype=x.dtype, device=x.device)
     for _ in range(max_iter):
-        momentum_next = (1 + (1 + 4 * momentum**2) ** 0.5) / 2
-        beta = (momentum - 1) / momentum_next
-        v, c = w + beta * (w - w_prev), b + beta * (b - b_prev)
-        residual = torch.sigmoid(z_mv(v) + c) - t  # [P, n, O]
-        grad_w = z_rmv(residual) / n + v / (C * n)  # the intercept is not penalised
-        grad_b = residual.mean(dim=1, keepdim=True)
-        w_prev, b_prev, momentum = w, b, momentum_next
-        w, b = v - step * grad_w, c - step * grad_b
-        if max(grad_w.abs().amax(), grad_b.abs().amax()) < tol:
+        residual = torch.sigmoid(margin) - t
+        grad = z_rmv(residual) / n + theta * penalty
+        busy &= grad.abs().amax(dim=1, keepdim=True) >= tol
+        if not busy.any():
             break
-    return ProbeFit(mean, scale, w, b[:, 0])
+        z_grad, grad_norm = z_mv(grad), grad.square().sum(dim=1, keepdim=True)
+        # Polak-Ribiere+ (the first iteration has beta = 0: steepest descent)
+        beta = ((grad * (grad - previous)).sum(dim=1, keepdim=True)
+                / previous_norm.clamp_min(1e-30)).clamp_min(0)
+        direction, z_dir = beta * direction - grad, beta * z_dir - z_grad
+        slope = (grad * direction).sum(dim=1, keepdim=True)
+        uphill = slope >= 0  # restart on the steepest descent
+        if uphill.any():
+            direction = torch.where(uphill, -grad, direction)
+            z_dir = torch.where(uphill, -z_grad, z_dir)
+            slope = torch.where(uphill, -grad_norm, slope)
+        previous, previous_norm = grad, grad_norm
+        step = busy * _line_search(margin, residual + t, z_dir, t, slope,
+                                   (penalty * direction * theta).sum(dim=1, keepdim=True),
+                                   (penalty * direction.square()).sum(dim=1, keepdim=True))
+        theta, margin = theta + step * direction, margin + step * z_dir
+    return ProbeFit(mean, scale, theta[:, :W], theta[:, W])
 
 
-def _top_eigenvalue(z_mv, z_rmv, x: torch.Tensor, iters: int = 4) -> torch.Tensor:
-    """Largest eigenvalue of each Z^T Z by power iteration: `[P]`."""
-    v = torch.ones(x.shape[0], x.shape[2], 1, dtype=x.dtype, device=x.device)
-    for _ in range(iters):
-        v = torch.nn.functional.normalize(z_rmv(z_mv(v)), dim=1)
-    return z_mv(v).square().sum(dim=(1, 2))
+def _line_search(margin: torch.Tensor, p: torch.Tensor, z_dir: torch.Tensor, t: torch.Tensor,
+                 slope: torch.Tensor, pen_dtheta: torch.Tensor, pen_dd: torch.Tensor
+                 ) -> torch.Tensor:
+    """The step `tau > 0` along a descent direction d towards the minimum of the convex
+    phi(tau) = mean loss(margin + tau z_dir) + penalty(theta + tau d), per probe and output:
+    one Newton step from 0, pulled back by the secant of phi' where it overshoots. `p` are the
+    probabilities at tau = 0, `slope` = phi'(0), `pen_dtheta` = sum penalty * d * theta and
+    `pen_dd` = sum penalty * d^2. Only slopes are compared: near the optimum, values of phi
+    differ by less than float32 resolution."""
+    curvature = ((p - p * p) * z_dir.square()).mean(dim=1, keepdim=True) + pen_dd
+    newton = -slope / curvature.clamp_min(1e-30)
+    slope_there = ((torch.sigmoid(margin + newton * z_dir) - t) * z_dir).mean(dim=1, keepdim=True)
+    slope_there = slope_there + pen_dtheta + newton * pen_dd
+    overshot = slope_there > 0  # the minimum lies in (0, newton): interpolate phi' linearly
+    secant = newton * slope / (slope - slope_there).clamp_max(-1e-30)
+    return torch.where(overshot, secant, newton)
 
 
 def _matvec(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -145,10 +177,8 @@ def _matvec(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def _rmatvec(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """`z^T @ r` per probe, computed as `(r^T z)^T` to read z row by row."""
-    if z.is_cuda:
-        return torch.bmm(z.transpose(1, 2), r)
-    return torch.stack([(rp.T @ zp).T for zp, rp in zip(z, r, strict=True)])
+    """`z^T @ r` per probe, computed as `(r^T z)^T` to read z row by row (the CPU's fast path)."""
+    return torch.bmm(r.transpose(1, 2), z).transpose(1, 2)
 
 
 def fit_sklearn(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float = 1.0,
@@ -170,13 +200,14 @@ def fit_sklearn(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float = 1.0
         weight = np.stack([e.coef_[0] for e in estimators], axis=1)  # [W, O]
         bias = np.array([e.intercept_[0] for e in estimators])
         fits.append((scaler.mean_, scaler.scale_, weight, bias))
-    mean, scale, weight, bias = (torch.tensor(np.stack(a), dtype=x.dtype, device=x.device)
+    mean, scale, weight, bias = (torch.tensor(np.stack(a), dtype=torch.float32, device=x.device)
                                  for a in zip(*fits, strict=True))
     return ProbeFit(mean, scale, weight, bias)
 
 
 def fit_mean_diff(x: torch.Tensor, y: torch.Tensor, n_classes: int, **_: object) -> ProbeFit:
     """Difference of class means (one-vs-rest), thresholded half-way between them."""
+    x = x.float()
     mean, scale = standardise(x)
     z = (x - mean[:, None]) / scale[:, None]
     t = targets(y, n_classes).to(z.dtype)  # [n, O]
@@ -195,7 +226,7 @@ def fit_probes(backend: str, x: torch.Tensor, y: torch.Tensor, n_classes: int,
     """Fit `x: [P, N, W]` (any float dtype; fitted in float32) to labels `y: [N]`."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown probe backend {backend!r}; valid: {sorted(BACKENDS)}")
-    return BACKENDS[backend](x.float(), y, n_classes, **options)
+    return BACKENDS[backend](x, y, n_classes, **options)
 
 
 # -- scores ----------------------------------------------------------------------------------

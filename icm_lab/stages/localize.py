@@ -118,7 +118,7 @@ def fit_all_layers(ctx: RunContext, store: ActivationStore, decided: np.ndarray,
         fit = fit_probes(probe.name, x[:, train], y_train, n_classes, **options)
         mean_diff = fit if probe.name == "mean_diff" else fit_probes(  # for steer.direction
             "mean_diff", x[:, train], y_train, n_classes)
-        result = scores(fit.logits(x[:, test].float()), y_test, n_classes)
+        result = scores(fit.logits(x[:, test]), y_test, n_classes)
         for i, layer in enumerate(batch):
             rows = slice(i * store.n_steps, (i + 1) * store.n_steps)
             fits[layer.name] = fit.rows(rows)
