@@ -4,8 +4,8 @@
 
 Reads every run directory under `--root` (single runs and multirun jobs alike: any folder with
 a `metrics.json` or a `localize` link) and writes, as Markdown, LaTeX and CSV:
-- `localization`: per model, concept and layer kind, the best and mean separability (balanced
-  accuracy) and the top layers by mean over steps;
+- `localization`: per probe set (model, concept, probe backend, fingerprint) and layer kind,
+  the best and mean separability (balanced accuracy) and the top layers by mean over steps;
 - `debiasing`: method x concept, FD, FD_soft, FID, KID (lower is better), CLIP-T, CLIP-I
   (higher is better), averaged over runs with the same settings;
 - `alpha_sweep`: FD against CLIP-I for each steering strength;
@@ -48,8 +48,9 @@ def run_metrics(root: Path) -> pd.DataFrame:
 
 
 def localization_table(root: Path) -> pd.DataFrame:
-    """Per (model, concept, kind): best and mean balanced accuracy and the top layers, each
-    probe set counted once however many runs link to it."""
+    """Per probe set and layer kind: best and mean balanced accuracy and the top layers, each
+    probe set counted once however many runs link to it. Probe sets of one model and concept
+    (other labelers, splits, backends) are told apart by backend and fingerprint."""
     seen, rows = set(), []
     for link in sorted(root.rglob("localize")):
         scores_path = link.resolve() / "scores.parquet"
@@ -57,13 +58,15 @@ def localization_table(root: Path) -> pd.DataFrame:
         if not scores_path.exists() or scores_path in seen:
             continue
         seen.add(scores_path)
-        meta = json.loads(meta_path.read_text())["provenance"]
+        meta = json.loads(meta_path.read_text())
+        provenance = meta["provenance"]
         scores = pd.read_parquet(scores_path)
         for kind, rows_of_kind in scores.groupby("kind"):
             per_layer = rows_of_kind.groupby("layer")["balanced_accuracy"].mean()
             top = per_layer.sort_values(ascending=False).head(3)
             rows.append({
-                "model": meta["model"], "concept": meta["concept"], "kind": kind,
+                "model": provenance["model"], "concept": provenance["concept"],
+                "probe": meta["backend"], "probe set": provenance["fingerprint"], "kind": kind,
                 "best": rows_of_kind["balanced_accuracy"].max(),
                 "mean": rows_of_kind["balanced_accuracy"].mean(),
                 "top layers": ", ".join(f"{short_name(n)} ({v:.2f})" for n, v in top.items()),

@@ -27,8 +27,8 @@ def test_tables_from_synthetic_run_directories(tmp_path):
                   + ["up_blocks.1.attentions.0.transformer_blocks.0.attn2"] * 2,
                   "kind": ["attn1", "attn1", "attn2", "attn2"], "step": [0, 1, 0, 1],
                   "balanced_accuracy": [0.6, 0.9, 0.5, 0.7]}).to_parquet(probes / "scores.parquet")
-    (probes / "meta.json").write_text(json.dumps(
-        {"provenance": {"model": "tiny_sd15", "concept": "gender"}}))
+    (probes / "meta.json").write_text(json.dumps({"backend": "logreg", "provenance": {
+        "model": "tiny_sd15", "concept": "gender", "fingerprint": "f1"}}))
     for job in ("0", "1"):  # two jobs link the same probe set: counted once
         (root / "multirun" / "sweep" / job / "localize").symlink_to(probes)
 
@@ -41,8 +41,10 @@ def test_tables_from_synthetic_run_directories(tmp_path):
     assert ["tiny_sd15", "gender", "none", "15.000", "0.500", "0.250", "10.000", "0.010",
             "0.600", "1.000", "1"] in debias
     localization = markdown_rows(tmp_path / "tables" / "localization.md")
-    assert ["tiny_sd15", "gender", "attn1", "0.900", "0.750", "mid.a0.t0 (0.75)"] in localization
-    assert ["tiny_sd15", "gender", "attn2", "0.700", "0.600", "up1.a0.t0 (0.60)"] in localization
+    assert ["tiny_sd15", "gender", "logreg", "f1", "attn1", "0.900", "0.750",
+            "mid.a0.t0 (0.75)"] in localization
+    assert ["tiny_sd15", "gender", "logreg", "f1", "attn2", "0.700", "0.600",
+            "up1.a0.t0 (0.60)"] in localization
     assert len(tables["localization"]) == 2
     sweep = tables["alpha_sweep"]
     assert list(sweep["alpha"]) == [5.0, 15.0]
