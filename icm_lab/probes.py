@@ -14,6 +14,7 @@ The objective is sklearn's: `C * sum(log-loss) + ||w||^2 / 2`, intercept not pen
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,22 +58,40 @@ class ProbeFit:
         return torch.nn.functional.normalize(raw, dim=-1)
 
 
-def standardise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-probe feature mean and population std, as StandardScaler (constant features: 1)."""
-    # Two passes (mean, then squared deviations): exact for large offsets. The sums over the
-    # sample axis are matrix products, which read x once and run far faster on the CPU than a
-    # reduction over a middle axis.
-    weights = x.new_full((x.shape[0], 1, x.shape[1]), 1 / x.shape[1])
-    mean = torch.bmm(weights, x)  # [P, 1, W]
-    std = torch.bmm(weights, (x - mean).square_()).sqrt_()
-    return mean[:, 0], torch.where(std > 0, std, torch.ones_like(std))[:, 0]
-
-
 def targets(y: torch.Tensor, n_classes: int) -> torch.Tensor:
     """`[n, O]` float targets: class 1 for two classes, one-vs-rest columns for more."""
     if n_classes == 2:
         return (y == 1).float()[:, None]
     return torch.nn.functional.one_hot(y, n_classes).float()
+
+
+def standardised_chunks(x: torch.Tensor, chunk_mb: float | None = None
+                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`x: [P, N, W]` (any float dtype) in float32 chunks of whole probes, each standardised per
+    probe and feature as StandardScaler does: yields `(z, mean, scale)`, `z = (x - mean) /
+    scale`, scale 1 for constant features.
+
+    Chunks are about `chunk_mb`: all at once on a GPU, 8 MB on the CPU, where a chunk being
+    solved stays in cache and converts several times faster than all of x at once. `z` lives
+    in a buffer that the next chunk overwrites (a fresh multi-MB block per chunk costs page
+    faults), so use it before asking for the next."""
+    if chunk_mb is None:
+        chunk_mb = float("inf") if x.is_cuda else 8.0
+    per_probe_mb = x[0].numel() * 4 / 2**20
+    size = len(x) if chunk_mb == float("inf") else max(1, int(chunk_mb // per_probe_mb))
+    buffer = torch.empty((min(size, len(x)), *x.shape[1:]), dtype=torch.float32, device=x.device)
+    squares = torch.empty_like(buffer)
+    averaging = buffer.new_full((len(buffer), 1, x.shape[1]), 1 / x.shape[1])
+    for start in range(0, len(x), size):
+        probes = x[start : start + size]
+        z, average = buffer[: len(probes)].copy_(probes), averaging[: len(probes)]
+        # Two passes (mean, then squared deviations) stay exact for large offsets. Sums over
+        # the sample axis as matrix products read z once: far faster on the CPU than a
+        # reduction over a middle axis.
+        mean = torch.bmm(average, z)  # [p, 1, W]
+        std = torch.bmm(average, torch.mul(z.sub_(mean), z, out=squares[: len(z)])).sqrt_()
+        scale = torch.where(std > 0, std, torch.ones_like(std))
+        yield z.div_(scale), mean[:, 0], scale[:, 0]
 
 
 # -- backends --------------------------------------------------------------------------------
@@ -81,50 +100,38 @@ def targets(y: torch.Tensor, n_classes: int) -> torch.Tensor:
 def fit_logreg(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float = 1.0,
                max_iter: int = 100, tol: float = 1e-3, chunk_mb: float | None = None) -> ProbeFit:
     """All P probes together by nonlinear conjugate gradients, each probe (and each one-vs-rest
-    output) with its own exact line search, until every largest gradient entry is below `tol`.
-
-    `x` may be float16: probes are converted to float32 and solved in chunks of about
-    `chunk_mb`: all at once on a GPU, 8 MB on the CPU, where a chunk's iterations then run on
-    cached data."""
-    if chunk_mb is None:
-        chunk_mb = float("inf") if x.is_cuda else 8.0
-    per_probe_mb = x[0].numel() * 4 / 2**20
-    size = len(x) if chunk_mb == float("inf") else max(1, int(chunk_mb // per_probe_mb))
+    output) with its own exact line search, until every largest gradient entry is below `tol`."""
     t = targets(y, n_classes)
-    return ProbeFit.concat([
-        _fit_logreg_chunk(x[i : i + size].to(torch.float32, memory_format=torch.contiguous_format),
-                          t, C, max_iter, tol)
-        for i in range(0, len(x), size)])
+    fits = []
+    for z, mean, scale in standardised_chunks(x, chunk_mb):
+        theta = _fit_logreg_chunk(z, t.to(z), C, max_iter, tol)
+        fits.append(ProbeFit(mean, scale, theta[:, :-1], theta[:, -1]))
+    return ProbeFit.concat(fits)
 
 
-def _fit_logreg_chunk(x: torch.Tensor, t: torch.Tensor, C: float, max_iter: int,
-                      tol: float) -> ProbeFit:
-    # Minimises the mean loss + ||w||^2 / 2Cn (sklearn's objective / Cn) over standardised z.
-    # Each iteration reads x twice (the gradient, then z @ gradient): margins are linear along
-    # the search direction, so the line search needs no further pass. The parameters are
-    # theta = [w; b], `[P, W + 1, O]`, with the unpenalised intercept last. Standardisation is
-    # folded into the products instead of copying x:
-    # z @ w = x @ (w / scale) - mean . (w / scale), and z^T r = (x^T r - mean * sum(r)) / scale.
-    mean, scale = standardise(x)
-    inv, centre = (1 / scale)[..., None], mean[..., None]  # [P, W, 1]
-    (P, n, W), t = x.shape, t.to(x)
-    penalty = torch.full((W + 1, 1), 1 / (C * n), dtype=x.dtype, device=x.device)
+def _fit_logreg_chunk(z: torch.Tensor, t: torch.Tensor, C: float, max_iter: int,
+                      tol: float) -> torch.Tensor:
+    """`theta = [w; b]`, `[P, W + 1, O]` (the unpenalised intercept last), minimising the mean
+    loss + ||w||^2 / 2Cn (sklearn's objective / Cn) for standardised `z: [P, n, W]`.
+
+    Each iteration reads z twice (the gradient, then z @ gradient): margins are linear along
+    the search direction, so the line search needs no further pass."""
+    P, n, W = z.shape
+    penalty = torch.full((W + 1, 1), 1 / (C * n), dtype=z.dtype, device=z.device)
     penalty[W] = 0
 
     def z_mv(theta: torch.Tensor) -> torch.Tensor:  # [P, n, O]
-        u = theta[:, :W] * inv
-        return _matvec(x, u) + (theta[:, W:] - (centre * u).sum(dim=1, keepdim=True))
+        return _matvec(z, theta[:, :W]) + theta[:, W:]
 
     def z_rmv(r: torch.Tensor) -> torch.Tensor:  # [P, W + 1, O]
-        total = r.sum(dim=1, keepdim=True)
-        return torch.cat([(_rmatvec(x, r) - centre * total) * inv, total], dim=1)
+        return torch.cat([_rmatvec(z, r), r.sum(dim=1, keepdim=True)], dim=1)
 
-    theta = x.new_zeros(P, W + 1, t.shape[1])
-    margin = x.new_zeros(P, n, t.shape[1])
-    busy = torch.ones(P, 1, t.shape[1], dtype=torch.bool, device=x.device)
+    theta = z.new_zeros(P, W + 1, t.shape[1])
+    margin = z.new_zeros(P, n, t.shape[1])
+    busy = torch.ones(P, 1, t.shape[1], dtype=torch.bool, device=z.device)
     direction, z_dir = torch.zeros_like(theta), torch.zeros_like(margin)
     previous = torch.zeros_like(theta)
-    previous_norm = torch.full(busy.shape, float("inf"), dtype=x.dtype, device=x.device)
+    previous_norm = torch.full(busy.shape, float("inf"), dtype=z.dtype, device=z.device)
     for _ in range(max_iter):
         residual = torch.sigmoid(margin) - t
         grad = z_rmv(residual) / n + theta * penalty
@@ -147,7 +154,7 @@ def _fit_logreg_chunk(x: torch.Tensor, t: torch.Tensor, C: float, max_iter: int,
                                    (penalty * direction * theta).sum(dim=1, keepdim=True),
                                    (penalty * direction.square()).sum(dim=1, keepdim=True))
         theta, margin = theta + step * direction, margin + step * z_dir
-    return ProbeFit(mean, scale, theta[:, :W], theta[:, W])
+    return theta
 
 
 def _line_search(margin: torch.Tensor, p: torch.Tensor, z_dir: torch.Tensor, t: torch.Tensor,
@@ -205,17 +212,19 @@ def fit_sklearn(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float = 1.0
     return ProbeFit(mean, scale, weight, bias)
 
 
-def fit_mean_diff(x: torch.Tensor, y: torch.Tensor, n_classes: int, **_: object) -> ProbeFit:
+def fit_mean_diff(x: torch.Tensor, y: torch.Tensor, n_classes: int,
+                  chunk_mb: float | None = None, **_: object) -> ProbeFit:
     """Difference of class means (one-vs-rest), thresholded half-way between them."""
-    x = x.float()
-    mean, scale = standardise(x)
-    z = (x - mean[:, None]) / scale[:, None]
-    t = targets(y, n_classes).to(z.dtype)  # [n, O]
-    positive = torch.einsum("pnw,no->pwo", z, t / t.sum(0))
-    negative = torch.einsum("pnw,no->pwo", z, (1 - t) / (1 - t).sum(0))
-    weight = positive - negative
-    bias = -(weight * (positive + negative) / 2).sum(dim=1)
-    return ProbeFit(mean, scale, weight, bias)
+    t = targets(y, n_classes)  # [n, O]
+    # Rows: the weights averaging each class, then each class's complement: [2O, n].
+    averages = torch.cat([t / t.sum(0), (1 - t) / (1 - t).sum(0)], dim=1).T.to(x.device)
+    fits = []
+    for z, mean, scale in standardised_chunks(x, chunk_mb):
+        class_means = torch.bmm(averages.expand(len(z), -1, -1), z)  # [P, 2O, W]
+        positive, negative = class_means.transpose(1, 2).chunk(2, dim=2)  # [P, W, O] each
+        weight = positive - negative
+        fits.append(ProbeFit(mean, scale, weight, -(weight * (positive + negative) / 2).sum(1)))
+    return ProbeFit.concat(fits)
 
 
 BACKENDS = {"logreg": fit_logreg, "sklearn": fit_sklearn, "mean_diff": fit_mean_diff}
