@@ -235,6 +235,13 @@ def fit_probes(backend: str, x: torch.Tensor, y: torch.Tensor, n_classes: int,
     """Fit `x: [P, N, W]` (any float dtype; fitted in float32) to labels `y: [N]`."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown probe backend {backend!r}; valid: {sorted(BACKENDS)}")
+    for key in ("C", "tol", "chunk_mb"):  # `not > 0` also refuses NaN
+        if options.get(key) is not None and not (isinstance(options[key], int | float)
+                                                 and options[key] > 0):
+            raise ValueError(f"probe.{key} must be a positive number, got {options[key]!r}")
+    max_iter = options.get("max_iter", 1)
+    if not (isinstance(max_iter, int) and max_iter >= 1):
+        raise ValueError(f"probe.max_iter must be a positive integer, got {max_iter!r}")
     return BACKENDS[backend](x, y, n_classes, **options)
 
 

@@ -68,6 +68,14 @@ def test_logreg_is_independent_of_chunking_and_input_precision():
                                        rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("option", [{"C": 0.0}, {"C": float("nan")}, {"tol": -1e-3},
+                                    {"max_iter": 0}, {"max_iter": 2.5}])
+def test_bad_probe_options_are_refused(option):
+    x, y, _ = planted_batch(P=1)
+    with pytest.raises(ValueError, match=f"probe.{next(iter(option))} must be"):
+        fit_probes("logreg", x, y, 2, **option)
+
+
 @pytest.mark.parametrize("backend", ["logreg", "sklearn", "mean_diff"])
 def test_backends_recover_planted_directions(backend):
     x, y, planted = planted_batch(n_classes=3, N=1500, W=32, strength=3.0)
