@@ -39,20 +39,23 @@ class ProbeFit:
         return ProbeFit(*(torch.cat([getattr(f, name) for f in fits])
                           for name in ("mean", "scale", "weight", "bias")))
 
+    @property
+    def raw_weight(self) -> torch.Tensor:
+        """`[P, W, O]`: the weights on raw activations, `w / scale`, i.e. each logit's gradient
+        with respect to the raw activation."""
+        return self.weight / self.scale[..., None]
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """`[P, n, O]` logits for `x: [P, n, W]` (any float dtype) in raw activation space."""
-        raw = self.weight / self.scale[..., None]  # standardisation folded into the weights
+        raw = self.raw_weight
         offset = self.bias[:, None] - torch.bmm(self.mean[:, None], raw)
         return _matvec(x.float(), raw) + offset
 
     def directions(self, n_classes: int) -> torch.Tensor:
-        """`[P, K, W]` unit steering directions in raw activation space, one per class.
-
-        The gradient of a class's logit with respect to the raw activation is `w / scale`; for
-        two classes the single probe points to class 1, so class 0 gets its negative.
-        """
-        raw = self.weight / self.scale[:, :, None]  # [P, W, O]
-        raw = raw.transpose(1, 2)  # [P, O, W]
+        """`[P, K, W]` unit steering directions in raw activation space, one per class: each
+        class's `raw_weight`; for two classes the single probe points to class 1, so class 0
+        gets its negative."""
+        raw = self.raw_weight.transpose(1, 2)  # [P, O, W]
         if n_classes == 2:
             raw = torch.cat([-raw, raw], dim=1)
         return torch.nn.functional.normalize(raw, dim=-1)
@@ -89,7 +92,8 @@ def standardised_chunks(x: torch.Tensor, chunk_mb: float | None = None
         # the sample axis as matrix products read z once: far faster on the CPU than a
         # reduction over a middle axis.
         mean = torch.bmm(average, z)  # [p, 1, W]
-        std = torch.bmm(average, torch.mul(z.sub_(mean), z, out=squares[: len(z)])).sqrt_()
+        z.sub_(mean)
+        std = torch.bmm(average, torch.mul(z, z, out=squares[: len(z)])).sqrt_()
         scale = torch.where(std > 0, std, torch.ones_like(std))
         yield z.div_(scale), mean[:, 0], scale[:, 0]
 
