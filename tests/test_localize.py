@@ -57,6 +57,15 @@ def test_logreg_reaches_the_optimum(n_classes):
     assert max(grad_w.abs().max(), grad_b.abs().max()) < 2e-4  # float32 rounding on top of tol
 
 
+def test_logreg_reports_probes_that_did_not_converge(caplog):
+    x, y, _ = planted_batch(strength=torch.linspace(0, 2, 6)[:, None, None])
+    with caplog.at_level("WARNING", logger="icm_lab.probes"):
+        fit_probes("logreg", x, y, 2)
+        assert not caplog.records
+        fit_probes("logreg", x, y, 2, max_iter=2)
+    assert "6 of 6 probes did not reach tol=0.001 within max_iter=2" in caplog.text
+
+
 def test_logreg_is_independent_of_chunking_and_input_precision():
     x, y, _ = planted_batch(P=5, strength=torch.linspace(0, 2, 5)[:, None, None])
     x = x.half()
