@@ -115,9 +115,10 @@ def fit_all_layers(ctx: RunContext, store: ActivationStore, decided: np.ndarray,
         # One read of each layer's array: [N, S, W] float16 -> probes [L * S, n, W].
         x = torch.from_numpy(np.stack([store[layer.name][decided] for layer in batch]))
         x = x.to(device).permute(0, 2, 1, 3).reshape(-1, len(decided), batch[0].width)
-        fit = fit_probes(probe.name, x[:, train], y_train, n_classes, **options)
+        x_train = x[:, train]
+        fit = fit_probes(probe.name, x_train, y_train, n_classes, **options)
         mean_diff = fit if probe.name == "mean_diff" else fit_probes(  # for steer.direction
-            "mean_diff", x[:, train], y_train, n_classes)
+            "mean_diff", x_train, y_train, n_classes)
         result = scores(fit.logits(x[:, test]), y_test, n_classes)
         for i, layer in enumerate(batch):
             rows = slice(i * store.n_steps, (i + 1) * store.n_steps)
