@@ -152,8 +152,8 @@ def _fit_logreg_chunk(z: torch.Tensor, t: torch.Tensor, C: float, max_iter: int,
             break
         z_grad, grad_norm = z_mv(grad), grad.square().sum(dim=1, keepdim=True)
         # Polak-Ribiere+, restarting (beta = 0) at the first iteration and where successive
-        # gradients are far from orthogonal (Powell's test; at 0.5, as 0.2 restarted too often
-        # on the SD1.5-shaped benchmark, and without it some toy probes crawled for 200 steps)
+        # gradients are far from orthogonal (Powell's test, at 0.5: 0.2 restarted too often on
+        # the SD1.5-shaped benchmark; without restarts one toy probe took over 100 iterations)
         overlap = (grad * previous).sum(dim=1, keepdim=True)
         beta = ((grad_norm - overlap) / previous_norm.clamp_min(1e-30)).clamp_min(0)
         beta = torch.where(overlap.abs() >= 0.5 * grad_norm, 0.0, beta)
