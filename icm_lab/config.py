@@ -9,6 +9,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from icm_lab import schema
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
 
@@ -26,6 +28,7 @@ def register_sweeps() -> list[str]:
 
 
 register_sweeps()
+schema.register()
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:

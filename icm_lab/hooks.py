@@ -5,7 +5,7 @@ passes to it and looks its index up in the scheduler's timesteps, so the step is
 step count, with or without classifier-free guidance (CFG), and for samplers that call the
 denoiser more than once per step. The same pre-hook reads `pipe.do_classifier_free_guidance` to
 know whether the batch is CFG-doubled, `[uncond | cond]` in diffusers, and so which rows are the
-conditional half.
+conditional half. The argument names and the half order come from the model's adapter.
 
     with DenoiserHooks(pipe, record=names, interventions=[AddVector(...)]) as hooks:
         images = pipe(prompts, ...).images
@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
-from icm_lab.models.layers import LayerRegistry, denoiser
+from icm_lab.models.adapters import adapter_for
+from icm_lab.models.layers import LayerRegistry
 
 
 class Intervention:
@@ -46,6 +47,26 @@ class Intervention:
     def rows(self, start: int, stop: int) -> Intervention:
         """The same intervention for samples `start:stop` only (one batch of a larger plan)."""
         raise NotImplementedError
+
+    def to_dict(self, tensors: dict[str, torch.Tensor], key: str) -> dict[str, Any]:
+        """Plain JSON-able data; each tensor goes into `tensors` (for a safetensors file) under
+        `key/<field>` and is referenced by that key."""
+        data: dict[str, Any] = {"kind": type(self).__name__}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, torch.Tensor):
+                tensors[f"{key}/{item.name}"] = value.detach().cpu().contiguous()
+                value = {"tensor": f"{key}/{item.name}"}
+            data[item.name] = value
+        return data
+
+    @staticmethod
+    def from_dict(data: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Intervention:
+        """The inverse of `to_dict`."""
+        kinds = {cls.__name__: cls for cls in (AddVector, SwapContext)}
+        values = {k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v
+                  for k, v in data.items() if k != "kind"}
+        return kinds[data["kind"]](**values)
 
 
 @dataclass
@@ -127,10 +148,19 @@ class StepState:
     n_steps: int = 0
     batch: int = 0
     cfg: bool = False
+    cond_last: bool = True  # CFG batch order: [uncond | cond] (diffusers) or [cond | uncond]
 
     @property
     def cond_rows(self) -> slice:
-        return slice(self.batch // 2, self.batch) if self.cfg else slice(0, self.batch)
+        if not self.cfg:
+            return slice(0, self.batch)
+        half = self.batch // 2
+        return slice(half, self.batch) if self.cond_last else slice(0, half)
+
+    @property
+    def uncond_offset(self) -> int:
+        """Row offset from a conditional sample to its unconditional twin."""
+        return -self.cond_batch if self.cond_last else self.cond_batch
 
     @property
     def cond_batch(self) -> int:
@@ -148,12 +178,13 @@ class DenoiserHooks:
         interventions: Iterable[Intervention] = (),
     ):
         self.pipe = pipe
-        self.net = denoiser(pipe)
+        self.adapter = adapter_for(pipe)
+        self.net = self.adapter.denoiser(pipe)
         self.record_layers = [registry[name] for name in record]
         self.interventions = list(interventions)
         for intervention in self.interventions:
             registry[intervention.layer]  # unknown layer: a clear error now, not mid-generation
-        self.state = StepState()
+        self.state = StepState(cond_last=self.adapter.cond_half_last)
         self._signature = inspect.signature(self.net.forward)
         self._timesteps: tuple[int, torch.Tensor] | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -196,8 +227,8 @@ class DenoiserHooks:
     # -- step tracking ---------------------------------------------------------------------
     def _on_denoiser_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         bound = self._signature.bind(*args, **kwargs).arguments
-        timestep = bound["timestep"]
-        sample = bound.get("sample", bound.get("hidden_states"))
+        timestep = bound[self.adapter.timestep_arg]
+        sample = bound[self.adapter.sample_arg]
         self.state.step, self.state.n_steps = self._step_index(timestep)
         self.state.batch = sample.shape[0]
         self.state.cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
@@ -277,7 +308,8 @@ class _AddHook:
         delta = vectors[self.active]
         rows = self.active + state.cond_rows.start
         if state.cfg and spec.halves == "both":
-            rows, delta = torch.cat([rows - state.cond_batch, rows]), torch.cat([delta, delta])
+            rows = torch.cat([rows + state.uncond_offset, rows])
+            delta = torch.cat([delta, delta])
         # Broadcast over tokens: [n, C] -> [n, 1, C] for [B, T, C], [n, C, 1, 1] for [B, C, H, W].
         delta = delta[:, None, :] if out.ndim == 3 else delta[:, :, None, None]
         channel_dim = -1 if out.ndim == 3 else 1

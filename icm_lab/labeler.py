@@ -9,6 +9,9 @@
   cascade. A class's probability is the softmax mass of the FairFace labels mapped to it
   (`fairface:` per class in conf/concept/*.yaml).
 
+Each is built from `conf/labeler/*.yaml` through `_target_` (a partial: the run supplies the
+concept, and the run's CLIP to labelers that set `uses_clip`).
+
 An image whose top probability is below `min_confidence`, or with no face (fairface) or no object
 (oracle), is labelled `undecided`: counted and reported, never dropped. Images without a reading
 get NaN probabilities, so soft frequencies average over the images that have one.
@@ -16,19 +19,24 @@ get NaN probabilities, so soft frequencies average over the images that have one
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
+import cv2
 import numpy as np
 import torch
+import torchvision
 from omegaconf import DictConfig
 from PIL import Image
+from safetensors.torch import load_file
+from torchvision.transforms.functional import normalize, to_tensor
 
 from icm_lab.concepts import Concept
+from icm_lab.errors import ConfigError, UserError
 from icm_lab.models.clip import Clip
 from icm_lab.models.loading import resolve_device
+from icm_lab.toy import world
 
 UNDECIDED = "undecided"
 
@@ -41,6 +49,8 @@ class Labels:
 
 
 class Labeler(Protocol):
+    name: ClassVar[str]
+    uses_clip: ClassVar[bool]
     classes: tuple[str, ...]
 
     def __call__(self, images: list[Image.Image]) -> Labels: ...
@@ -56,7 +66,7 @@ def decide(classes: tuple[str, ...], probs: np.ndarray, min_confidence: float) -
 
 def _check_confidence(min_confidence: float) -> None:
     if not 0 <= min_confidence <= 1:
-        raise ValueError(f"labeler.min_confidence must be in [0, 1], got {min_confidence}")
+        raise ConfigError(f"labeler.min_confidence must be in [0, 1], got {min_confidence}")
 
 
 def _check_images(images: list) -> None:
@@ -65,8 +75,14 @@ def _check_images(images: list) -> None:
 
 
 class ClipLabeler:
-    def __init__(self, clip: Clip, concept: Concept, min_confidence: float):
+    name, uses_clip = "clip", True
+
+    @staticmethod
+    def check(concept: Concept, min_confidence: float = 0.5) -> None:
         _check_confidence(min_confidence)
+
+    def __init__(self, concept: Concept, clip: Clip, min_confidence: float = 0.5):
+        self.check(concept, min_confidence)
         self.clip, self.classes = clip, concept.classes
         self.min_confidence = min_confidence
         texts = [text for k in self.classes for text in concept.classifier_texts[k]]
@@ -90,20 +106,25 @@ class ClipLabeler:
 class OracleLabeler:
     """Exact labels for the toy world's concepts, read from the pixels."""
 
-    def __init__(self, concept: Concept):
-        from icm_lab.toy import world
+    name, uses_clip = "oracle", False
 
+    def __init__(self, concept: Concept):
+        self.check(concept)
+        self.classes, self.attribute, self._read = concept.classes, concept.oracle_attribute, \
+            world.oracle
+
+    @staticmethod
+    def check(concept: Concept) -> None:
         attribute = concept.oracle_attribute
         if attribute is None:
-            raise ValueError(f"labeler=oracle reads the toy world's pixels; concept "
+            raise ConfigError(f"labeler=oracle reads the toy world's pixels; concept "
                              f"{concept.name!r} has no `oracle:` attribute. Use labeler=clip "
                              "or labeler=fairface.")
         valid = {"color": world.COLORS, "size": world.SIZES, "shape": world.SHAPES}[attribute]
         unknown = [k for k in concept.classes if k not in valid]
         if unknown:
-            raise ValueError(f"concept {concept.name!r}: classes {unknown} are not toy-world "
+            raise ConfigError(f"concept {concept.name!r}: classes {unknown} are not toy-world "
                              f"{attribute}s; valid: {list(valid)}")
-        self.classes, self.attribute, self._read = concept.classes, attribute, world.oracle
 
     def __call__(self, images: list[Image.Image]) -> Labels:
         _check_images(images)
@@ -131,22 +152,28 @@ class FairFaceLabeler:
     clipped to the image, squared, resized to 224 px and normalised with ImageNet statistics.
     """
 
-    def __init__(self, concept: Concept, checkpoint: str | None, min_confidence: float,
-                 device: str = "auto", margin: float = 0.25, batch_size: int = 32):
-        _check_confidence(min_confidence)
+    name, uses_clip = "fairface", False
+
+    def __init__(self, concept: Concept, checkpoint: str | None = None,
+                 min_confidence: float = 0.5, device: str = "auto", margin: float = 0.25,
+                 batch_size: int = 32):
+        self.check(concept, checkpoint, min_confidence)
         self.classes, self.min_confidence = concept.classes, min_confidence
         self.margin, self.batch_size = margin, batch_size
         self.device = resolve_device(device)
         self.head, self.mapping = _fairface_mapping(concept)
         self.model = load_fairface(checkpoint).to(self.device).eval()
-        import cv2
-
         self._detector = cv2.CascadeClassifier(
             str(Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"))
 
-    def face_crop(self, image: Image.Image) -> Image.Image | None:
-        import cv2
+    @staticmethod
+    def check(concept: Concept, checkpoint: str | None = None, min_confidence: float = 0.5,
+              **_: object) -> None:
+        _check_confidence(min_confidence)
+        _fairface_mapping(concept)
+        _check_checkpoint(checkpoint)
 
+    def face_crop(self, image: Image.Image) -> Image.Image | None:
         gray = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2GRAY)
         side = min(gray.shape)
         faces = self._detector.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5,
@@ -164,8 +191,6 @@ class FairFaceLabeler:
     @torch.no_grad()
     def __call__(self, images: list[Image.Image]) -> Labels:
         _check_images(images)
-        from torchvision.transforms.functional import normalize, to_tensor
-
         probs = np.full((len(images), len(self.classes)), np.nan)
         crops = [(i, c) for i, c in ((i, self.face_crop(im)) for i, im in enumerate(images))
                  if c is not None]
@@ -181,12 +206,12 @@ class FairFaceLabeler:
 def _fairface_mapping(concept: Concept) -> tuple[slice, torch.Tensor]:
     """The FairFace head the concept reads and a [head labels, classes] 0/1 matrix."""
     if not concept.fairface_labels:
-        raise ValueError(f"labeler=fairface needs `fairface:` labels per class in concept "
+        raise ConfigError(f"labeler=fairface needs `fairface:` labels per class in concept "
                          f"{concept.name!r}; valid labels: {list(FAIRFACE_LABELS)}")
     for labels in concept.fairface_labels.values():
         unknown = [label for label in labels if label not in FAIRFACE_LABELS]
         if unknown:
-            raise ValueError(f"concept {concept.name!r}: unknown FairFace labels {unknown}; "
+            raise ConfigError(f"concept {concept.name!r}: unknown FairFace labels {unknown}; "
                              f"valid: {list(FAIRFACE_LABELS)}")
     first = FAIRFACE_LABELS.index(next(iter(concept.fairface_labels.values()))[0])
     head = next(s for s in FAIRFACE_HEADS.values() if s.start <= first < s.stop)
@@ -195,26 +220,26 @@ def _fairface_mapping(concept: Concept) -> tuple[slice, torch.Tensor]:
     for k, cls in enumerate(concept.classes):
         for label in concept.fairface_labels[cls]:
             if label not in names:
-                raise ValueError(f"concept {concept.name!r}: FairFace labels of one concept "
+                raise ConfigError(f"concept {concept.name!r}: FairFace labels of one concept "
                                  f"must come from one head; {label!r} is not in {list(names)}")
             mapping[names.index(label), k] = 1
     return head, mapping
 
 
+def _check_checkpoint(checkpoint: str | None) -> None:
+    if not checkpoint or not Path(checkpoint).is_file():
+        raise UserError(
+            f"labeler.checkpoint={checkpoint!r} is not a file. Download FairFace's "
+            "res34_fair_align_multi_7_20190809.pt (github.com/joojs/fairface) and pass its path.")
+
+
 def load_fairface(checkpoint: str | None) -> torch.nn.Module:
     """torchvision's ResNet-34 with an 18-logit head, weights from `checkpoint` (.pt state dict,
     read with weights_only, or .safetensors)."""
-    import torchvision
-
-    if not checkpoint or not Path(checkpoint).is_file():
-        raise FileNotFoundError(
-            f"labeler.checkpoint={checkpoint!r} is not a file. Download FairFace's "
-            "res34_fair_align_multi_7_20190809.pt (github.com/joojs/fairface) and pass its path.")
+    _check_checkpoint(checkpoint)
     model = torchvision.models.resnet34(weights=None)
     model.fc = torch.nn.Linear(model.fc.in_features, len(FAIRFACE_LABELS))
     if checkpoint.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         state = load_file(checkpoint)
     else:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -222,18 +247,6 @@ def load_fairface(checkpoint: str | None) -> torch.nn.Module:
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise ValueError(f"{checkpoint} is not a FairFace ResNet-34 (18 logits): "
+        raise UserError(f"{checkpoint} is not a FairFace ResNet-34 (18 logits): "
                          f"{error}") from error
     return model
-
-
-def make_labeler(cfg: DictConfig, concept: Concept, clip: Callable[[], Clip]) -> Labeler:
-    """The labeler `cfg.name` names; `clip` loads the run's CLIP only for the clip labeler."""
-    if cfg.name == "clip":
-        return ClipLabeler(clip(), concept, cfg.min_confidence)
-    if cfg.name == "oracle":
-        return OracleLabeler(concept)
-    if cfg.name == "fairface":
-        return FairFaceLabeler(concept, cfg.checkpoint, cfg.min_confidence, cfg.device,
-                               cfg.margin)
-    raise ValueError(f"unknown labeler {cfg.name!r}; valid: clip, oracle, fairface")

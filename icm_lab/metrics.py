@@ -1,4 +1,4 @@
-"""Evaluation metrics (DESIGN.md section 3).
+"""Evaluation metrics (docs/method.md, Metrics).
 
 Fairness, from hard frequencies f (share of decided images per class), soft frequencies p (mean
 class probability) and a target distribution u:
@@ -90,6 +90,13 @@ class ClipImageFeatures(torch.nn.Module):
         images = torch.nn.functional.interpolate(images.float(), size=self.size, mode="bicubic",
                                                  align_corners=False).clamp(0, 1)
         return self.clip.model.encode_image((images - self.mean) / self.std).float()
+
+
+# eval.features: the FID/KID feature extractor, from the run's CLIP or torchmetrics' Inception.
+FEATURES = {
+    "clip": ClipImageFeatures,
+    "inception": lambda clip: 2048,  # torchmetrics' Inception-v3 pool features
+}
 
 
 def load_images(paths: Sequence) -> list[Image.Image]:

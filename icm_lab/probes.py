@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from icm_lab.errors import ConfigError, choices_error
+
 log = logging.getLogger(__name__)
 
 
@@ -245,19 +247,39 @@ def fit_mean_diff(x: torch.Tensor, y: torch.Tensor, n_classes: int,
 BACKENDS = {"logreg": fit_logreg, "sklearn": fit_sklearn, "mean_diff": fit_mean_diff}
 
 
-def fit_probes(backend: str, x: torch.Tensor, y: torch.Tensor, n_classes: int,
-               **options: object) -> ProbeFit:
-    """Fit `x: [P, N, W]` (any float dtype; fitted in float32) to labels `y: [N]`."""
+def check_options(backend: str, options: dict[str, object]) -> None:
+    """Refuse an unknown backend, a non-positive or NaN C/tol/chunk_mb, a non-integer max_iter."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown probe backend {backend!r}; valid: {sorted(BACKENDS)}")
+        raise choices_error("probe.name", backend, sorted(BACKENDS))
     for key in ("C", "tol", "chunk_mb"):  # `not > 0` also refuses NaN
         if options.get(key) is not None and not (isinstance(options[key], int | float)
                                                  and options[key] > 0):
-            raise ValueError(f"probe.{key} must be a positive number, got {options[key]!r}")
+            raise ConfigError(f"probe.{key}={options[key]!r} must be a positive number")
     max_iter = options.get("max_iter", 1)
     if not (isinstance(max_iter, int) and max_iter >= 1):
-        raise ValueError(f"probe.max_iter must be a positive integer, got {max_iter!r}")
+        raise ConfigError(f"probe.max_iter={max_iter!r} must be a positive integer")
+
+
+def fit_probes(backend: str, x: torch.Tensor, y: torch.Tensor, n_classes: int,
+               **options: object) -> ProbeFit:
+    """Fit `x: [P, N, W]` (any float dtype; fitted in float32) to labels `y: [N]`."""
+    check_options(backend, options)
     return BACKENDS[backend](x, y, n_classes, **options)
+
+
+class Probe:
+    """A probe config (`conf/probe/*.yaml`, through `_target_`): the backend, its options, and
+    where and in what batches it fits."""
+
+    def __init__(self, name: str, device: str = "auto", batch_mb: float = 1024,
+                 **options: object):
+        check_options(name, options)
+        if not (isinstance(batch_mb, int | float) and batch_mb > 0):
+            raise ConfigError(f"probe.batch_mb={batch_mb!r} must be a positive number")
+        self.name, self.device, self.batch_mb, self.options = name, device, batch_mb, options
+
+    def fit(self, x: torch.Tensor, y: torch.Tensor, n_classes: int) -> ProbeFit:
+        return fit_probes(self.name, x, y, n_classes, **self.options)
 
 
 # -- scores ----------------------------------------------------------------------------------

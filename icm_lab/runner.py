@@ -1,128 +1,131 @@
-"""The runner: chains the configured stages inside one run directory.
+"""The runner: owns the stage graph and wires each stage to its inputs.
 
-Stages are functions `stage(ctx) -> artefact`. The context loads what they share (pipeline,
-layer registry, concept, CLIP) once, on first use, so a stage that is skipped loads nothing.
+    collect --> localize --> steer --> evaluate
+
+A stage is a function of the shared resources (`Resources`), its own config section (a checked
+dataclass from `schema.py`) and the results of the stages it needs; it returns a typed result.
+Only this module reads the whole config. A stage that is asked for runs its inputs first; each
+reuses its artefact on disk when one with the same fingerprint exists.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
-from functools import cached_property
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from diffusers import DiffusionPipeline
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from icm_lab.artefacts import Provenance, artefact_lock
-from icm_lab.concepts import Concept
-from icm_lab.labeler import Labeler, make_labeler
-from icm_lab.models.clip import Clip, load_clip
-from icm_lab.models.layers import LayerRegistry, layer_registry
-from icm_lab.models.loading import load_pipeline
-from icm_lab.tracking import Tracker, make_tracker
+from icm_lab.errors import UserError
+from icm_lab.methods import SteeringMethod
+from icm_lab.resources import Resources
+from icm_lab.schema import STAGES, section
+from icm_lab.selection import LayerSelection, step_window
+from icm_lab.stages.collect import collect
+from icm_lab.stages.evaluate import evaluate
+from icm_lab.stages.localize import load_localization, localize
+from icm_lab.stages.steer import steer
+from icm_lab.validation import validate
 
 log = logging.getLogger(__name__)
 
 
-class RunContext:
+class Run:
+    """One run's stage graph over one set of resources."""
+
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.res = Resources(cfg, run_dir)
+        self.method: SteeringMethod = instantiate(cfg.method)
+        layers = section(cfg, "layers")
+        steer_cfg = section(cfg, "steer")
+        self.selection = LayerSelection(
+            layers.select, layers.kind, layers.k,
+            step_window(steer_cfg.start, steer_cfg.end, self.res.model.steps))
         self.results: dict[str, Any] = {}
+        self._stages: dict[str, Callable[[], Any]] = {
+            "collect": self._collect, "localize": self._localize, "steer": self._steer,
+            "evaluate": self._evaluate,
+        }
 
-    def stage(self, name: str) -> Any:
-        """A stage's artefact: from this run if it ran, else run it (it reuses its artefact on
-        disk when one matches). Stages call this for their inputs."""
-        from icm_lab.stages import STAGES
+    def needs(self, stage: str) -> tuple[str, ...]:
+        """The stages whose results `stage` takes."""
+        if stage == "localize":
+            return ("collect",)
+        if stage == "steer":
+            external = self.cfg.steer.probes
+            return ("localize",) if self.method.uses_probes and not external else ()
+        if stage == "evaluate":
+            return ("steer",)
+        return ()
 
-        if name not in self.results:
-            log.info("stage %s", name)
-            self.results[name] = STAGES[name](self)
-        return self.results[name]
+    def result(self, stage: str) -> Any:
+        """The stage's result, running it (after its inputs) unless this run already has it."""
+        if stage not in self.results:
+            for upstream in self.needs(stage):
+                self.result(upstream)
+            log.info("stage %s", stage)
+            self.results[stage] = self._stages[stage]()
+        return self.results[stage]
 
-    @cached_property
-    def tracker(self) -> Tracker:
-        return make_tracker(self.cfg, self.run_dir)
+    def _collect(self):
+        store = collect(self.res, section(self.cfg, "collect"), self.cfg.seed)
+        downstream = [s for s in self.cfg.stages if s != "collect"]
+        if store is None and downstream:
+            raise UserError(f"collect is sharded and samples are still missing, so {downstream} "
+                            "cannot run; use stages=[collect] for shard jobs")
+        return store
 
-    @cached_property
-    def concept(self) -> Concept:
-        return Concept.from_config(self.cfg.concept)
+    def _localize(self):
+        return localize(self.res, section(self.cfg, "localize"), instantiate(self.cfg.probe),
+                        self.results["collect"], self.selection, self.cfg.seed)
 
-    @cached_property
-    def pipeline(self) -> DiffusionPipeline:
-        return load_pipeline(self.cfg.model)
+    def _steer(self):
+        localization = self.results.get("localize")
+        if self.method.uses_probes and localization is None:  # steer.probes: another run's
+            localization = load_localization(self.res, Path(self.cfg.steer.probes),
+                                             self.selection)
+        return steer(self.res, section(self.cfg, "steer"), self.method,
+                     self.cfg.eval.n_images_per_prompt, self.cfg.seed, localization)
 
-    @cached_property
-    def registry(self) -> LayerRegistry:
-        return layer_registry(self.pipeline, self.cfg.model.resolution)
-
-    @cached_property
-    def clip(self) -> Clip:
-        return load_clip(self.cfg.clip)
-
-    @cached_property
-    def labeler(self) -> Labeler:
-        return make_labeler(self.cfg.labeler, self.concept, lambda: self.clip)
-
-    def artefact_dir(self, provenance: Provenance) -> Path:
-        """Content-addressed: runs with the same stage fingerprint share (and resume) it. The run
-        directory links to it under the stage's name."""
-        name = f"{provenance.model}-{provenance.concept}-{provenance.fingerprint}"
-        path = Path(self.cfg.paths.artefacts) / provenance.stage / name
-        path.mkdir(parents=True, exist_ok=True)
-        link = self.run_dir / provenance.stage
-        if not link.exists():
-            link.symlink_to(path.resolve(), target_is_directory=True)
-        return path
-
-    @contextmanager
-    def artefact(self, provenance: Provenance) -> Iterator[Path]:
-        """`artefact_dir`, held under an exclusive lock for the block: concurrent jobs that need
-        the same artefact wait while the first computes it, then find it complete and reuse it."""
-        path = self.artefact_dir(provenance)
-        with artefact_lock(path):
-            yield path
+    def _evaluate(self):
+        return evaluate(self.res, section(self.cfg, "eval"), self.results["steer"],
+                        self.cfg.seed)
 
 
-def validate_stages(stages: list[str]) -> list[str]:
-    from icm_lab.stages import STAGES  # stages import the runner
-
-    unknown = [stage for stage in stages if stage not in STAGES]
-    if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; available stages: {list(STAGES)}")
-    if not stages:
-        raise ValueError(f"stages is empty; available stages: {list(STAGES)}")
-    return list(stages)
+# A trial under the CLIP-I floor scores this plus its shortfall: behind every feasible trial,
+# whatever the metric's range (FD reaches ~1.4, KL and FID are unbounded), and the infeasible
+# ones ranked by how far they fall short.
+INFEASIBLE = 1e9
 
 
 def objective(cfg: DictConfig, metrics: dict | None) -> float | None:
-    """The value a sweeper minimises: the steered `objective.metric`; below the CLIP-I floor,
-    1 + metric + shortfall, which ranks behind every feasible trial since FD < 1."""
+    """The value a sweeper minimises: the steered `objective.metric`, or INFEASIBLE plus the
+    shortfall for a trial under `objective.clip_i_floor`."""
     if metrics is None:
         return None
     value = float(metrics["steered"][cfg.objective.metric])
     floor = cfg.objective.clip_i_floor
     clip_i = metrics["steered"].get("clip_i")
     if floor is not None and clip_i is not None and clip_i < floor:
-        return 1 + value + (floor - clip_i)
+        return INFEASIBLE + (floor - clip_i)
     return value
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run the configured stages in order and return their artefacts by stage name."""
-    stages = validate_stages(list(cfg.stages))
-    ctx = RunContext(cfg, run_dir)
-    (ctx.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tracker = ctx.tracker  # started first, so a job that fails early still has its run
+    """Check the config, then run the configured stages in order; their results by name."""
+    validate(cfg)
+    stages = [s for s in STAGES if s in cfg.stages]
+    pipeline = Run(cfg, run_dir)
+    (pipeline.res.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tracker = pipeline.res.tracker  # started first, so a job that fails early still has its run
     exit_code = 1
     try:
         for stage in stages:
-            ctx.stage(stage)
+            pipeline.result(stage)
         exit_code = 0
     finally:
         tracker.finish(exit_code=exit_code)
-    return {stage: ctx.results[stage] for stage in stages}
+    return {stage: pipeline.results[stage] for stage in stages}

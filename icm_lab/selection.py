@@ -1,12 +1,15 @@
-"""Which layers to steer (`layers=`): a kind, explicit names, or the top-k by separability."""
+"""Which layers to steer (`layers=`): a kind, explicit names, or the top-k by separability over
+the steering window."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
-from omegaconf import DictConfig, ListConfig
 
+from icm_lab.errors import ConfigError, UserError
 from icm_lab.models.layers import LayerInfo, LayerRegistry
 
 SCORE = "balanced_accuracy"
@@ -17,10 +20,10 @@ def step_window(start: float, end: float | None, n_steps: int) -> range:
     stop = 1.0 if end is None else end
     for name, value in (("steer.start", start), ("steer.end", stop)):
         if not (isinstance(value, int | float) and math.isfinite(value) and 0 <= value <= 1):
-            raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")
+            raise ConfigError(f"{name}={value!r} must be a fraction in [0, 1]")
     window = range(math.floor(start * n_steps), math.ceil(stop * n_steps))
     if not window:
-        raise ValueError(f"the steering window [{start}, {stop}) holds no step of {n_steps}")
+        raise ConfigError(f"the steering window [{start}, {stop}) holds no step of {n_steps}")
     return window
 
 
@@ -31,17 +34,29 @@ def rank_layers(scores: pd.DataFrame, window: range) -> pd.DataFrame:
     return ranking.sort_values(SCORE, ascending=False, ignore_index=True)
 
 
-def select_layers(spec: DictConfig, registry: LayerRegistry, scores: pd.DataFrame | None,
-                  window: range) -> list[LayerInfo]:
-    """The layers named by a `layers/*.yaml` config, in registry order (auto: rank order)."""
-    select = spec.select
-    if isinstance(select, ListConfig | list):
-        return registry.select(list(select))
-    if select != "auto":
-        return registry.select(select)
-    if scores is None:
-        raise ValueError("layers=auto ranks layers by probe scores: run the localize stage")
-    ranking = rank_layers(scores[scores["kind"] == spec.kind], window)
-    if ranking.empty:
-        raise ValueError(f"layers=auto found no probe scores for kind {spec.kind!r}")
-    return [registry[name] for name in ranking["layer"].head(spec.k)]
+@dataclass(frozen=True)
+class LayerSelection:
+    """`layers=` (a kind, `all`, a list of names, or `auto`: the top `k` of `kind`), with the
+    steering window that `auto` ranks over."""
+
+    select: Any
+    kind: str
+    k: int
+    window: range
+
+    @property
+    def ranked(self) -> bool:
+        return not isinstance(self.select, list | tuple) and self.select == "auto"
+
+    def resolve(self, registry: LayerRegistry, scores: pd.DataFrame | None) -> list[LayerInfo]:
+        """The layers, in registry order (auto: rank order)."""
+        if isinstance(self.select, list | tuple):
+            return registry.select(list(self.select))
+        if not self.ranked:
+            return registry.select(self.select)
+        if scores is None:
+            raise UserError("layers=auto ranks layers by probe scores: run the localize stage")
+        ranking = rank_layers(scores[scores["kind"] == self.kind], self.window)
+        if ranking.empty:
+            raise UserError(f"layers=auto found no probe scores for kind {self.kind!r}")
+        return [registry[name] for name in ranking["layer"].head(self.k)]

@@ -1,5 +1,10 @@
 """Steering plans: which sample goes to which class, and the interventions that take it there.
 
+A `SteerPlan` is the whole of a steered generation as data: the model, prompts, seeds, per-sample
+targets, strength, step window and, per layer, the unit directions (by reference into a
+safetensors file). `<run>/steer/plan.json` + `plan.safetensors` hold it, and
+`python -m icm_lab replay <run>/steer/plan.json` regenerates the run's steered images from it.
+
 Target assignment is exact, not random per batch: within each prompt the counts of every class
 match the target distribution by the largest-remainder rule, and which sample gets which target
 is a seeded shuffle. The `minimal` policy looks at the unsteered (base) labels first and steers
@@ -8,19 +13,19 @@ only the samples needed to reach those counts, leaving the rest untouched.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
+from icm_lab.artefacts import write_json_atomic
+from icm_lab.errors import UserError, choices_error
 from icm_lab.hooks import AddVector
-from icm_lab.models.layers import LayerInfo, LayerRegistry
-from icm_lab.probeset import ProbeSet
 
-METHODS = ("none", "icm", "attn2", "all_layers", "hspace", "random", "prompt")
-LAYER_METHODS = ("icm", "attn2", "all_layers", "hspace", "random")  # the ones that add vectors
 POLICIES = ("all", "minimal")
 UNTOUCHED = -1
 
@@ -43,7 +48,7 @@ def assign_targets(n: int, target: np.ndarray, seed: int, policy: str = "all",
     to that class's count, and only the others are steered to the classes still short.
     """
     if policy not in POLICIES:
-        raise ValueError(f"unknown steer.policy {policy!r}; valid: {list(POLICIES)}")
+        raise choices_error("steer.policy", policy, POLICIES)
     counts = largest_remainder(n, target)
     rng = np.random.default_rng(seed)
     if policy == "all":
@@ -62,74 +67,68 @@ def assign_targets(n: int, target: np.ndarray, seed: int, policy: str = "all",
     return targets
 
 
-DIRECTIONS = ["probe", "mean_diff"]  # which of the probe set's directions steer (ProbeSet)
+@dataclass
+class LayerEdit:
+    """Unit directions `[steps, classes, width]` added to one layer's output."""
+
+    layer: str
+    directions: torch.Tensor
 
 
-@dataclass(frozen=True)
-class SteerSettings:
+@dataclass
+class SteerPlan:
     method: str
-    alpha: float
-    window: range
-    halves: str = "cond"
-    renorm: bool = False
-    seed: int = 0
-    direction: str = "probe"  # probe: the fitted probe's w / scale; mean_diff: class means'
+    alpha: float | None  # None: the method adds no vector (prompt, none)
+    start: int | None  # first steered step
+    end: int | None  # one past the last steered step
+    halves: str
+    renorm: bool
+    direction: str | None  # where the directions come from: probe, mean_diff, random
+    probe_set: str | None  # fingerprint of the probe set the directions were read from
+    classes: list[str]
+    prompts: list[str]  # what each sample is generated from (after the method's prompt edit)
+    seeds: list[int]
+    targets: list[int]  # class index per sample, UNTOUCHED (-1) for samples left alone
+    model: dict[str, Any]  # the ModelSpec fields the images were generated with
+    edits: list[LayerEdit] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; valid: {list(METHODS)}")
-        if self.direction not in DIRECTIONS:
-            raise ValueError(f"unknown steer.direction {self.direction!r}; valid: {DIRECTIONS}")
-        if not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha):
-            raise ValueError(f"steer.alpha must be a finite number, got {self.alpha!r}")
+    @property
+    def layers(self) -> list[str]:
+        return [edit.layer for edit in self.edits]
 
+    def interventions(self) -> list[AddVector]:
+        """One AddVector per layer: alpha times the direction of each sample's target class at
+        each step, zero for untouched samples (which then stay bit-identical to their base)."""
+        targets = torch.as_tensor(self.targets)
+        steered = targets != UNTOUCHED
+        classes = torch.where(steered, targets, 0)
+        result = []
+        for edit in self.edits:
+            vectors = edit.directions[:, classes].transpose(0, 1) * self.alpha  # [B, S, W]
+            vectors[~steered] = 0
+            result.append(AddVector(edit.layer, vectors.float(), start=self.start, end=self.end,
+                                    halves=self.halves, renorm=self.renorm))
+        return result
 
-def steered_layers(method: str, chosen: Sequence[LayerInfo],
-                   registry: LayerRegistry) -> list[LayerInfo]:
-    """The layers a method writes to, given the `layers=` selection."""
-    if method in ("icm", "random"):
-        return list(chosen)
-    if method == "attn2":  # the same blocks' cross-attention: isolates self vs cross
-        return [registry[layer.name.removesuffix("attn1") + "attn2"] if layer.kind == "attn1"
-                else layer for layer in chosen]
-    if method == "all_layers":
-        return registry.select("attn1") + registry.select("attn2")
-    if method == "hspace":
-        return registry.select("bottleneck")
-    return []
+    def save(self, directory: Path) -> Path:
+        """`plan.json` (directions by key into `plan.safetensors`), written last."""
+        directory.mkdir(parents=True, exist_ok=True)
+        data = {k: v for k, v in asdict(self).items() if k != "edits"}
+        data["edits"] = [{"layer": e.layer, "directions": f"{i}/directions"}
+                         for i, e in enumerate(self.edits)]
+        tensors = {f"{i}/directions": e.directions.detach().float().contiguous()
+                   for i, e in enumerate(self.edits)}
+        save_file(tensors, directory / "plan.safetensors")
+        write_json_atomic(directory / "plan.json", data)
+        return directory / "plan.json"
 
-
-def interventions(settings: SteerSettings, layers: Sequence[LayerInfo], probes: ProbeSet | None,
-                  targets: np.ndarray, n_steps: int, n_classes: int) -> list[AddVector]:
-    """One AddVector per layer: alpha times the unit direction of each sample's target class at
-    each step, zero for untouched samples (which then stay bit-identical to their base)."""
-    steered = torch.from_numpy(targets != UNTOUCHED)
-    classes = torch.from_numpy(np.where(targets == UNTOUCHED, 0, targets))
-    result = []
-    for i, layer in enumerate(layers):
-        directions = _directions(settings, layer, probes, n_steps, n_classes, i)  # [S, K, W]
-        vectors = directions[:, classes].transpose(0, 1) * settings.alpha  # [B, S, W]
-        vectors[~steered] = 0
-        result.append(AddVector(layer.name, vectors.float(), start=settings.window.start,
-                                end=settings.window.stop, halves=settings.halves,
-                                renorm=settings.renorm))
-    return result
-
-
-def _directions(settings: SteerSettings, layer: LayerInfo, probes: ProbeSet | None,
-                n_steps: int, n_classes: int, index: int) -> torch.Tensor:
-    if settings.method == "random":  # the control: random unit directions, same alpha
-        g = torch.Generator().manual_seed(settings.seed * 1000 + index)
-        return torch.nn.functional.normalize(
-            torch.randn(n_steps, n_classes, layer.width, generator=g), dim=-1)
-    if probes is None:
-        raise ValueError(f"method {settings.method!r} needs probes: run the localize stage")
-    if layer.name not in probes.layers:
-        raise ValueError(f"no probes for layer {layer.name!r} (method {settings.method!r}); the "
-                         f"probe set at {probes.root} covers {len(probes.layers)} layers: "
-                         f"{probes.layers}. Record it in collect.record and localize again.")
-    directions = probes.directions(layer.name, settings.direction)
-    if directions.shape[0] != n_steps:
-        raise ValueError(f"probes at {probes.root} have {directions.shape[0]} steps but the "
-                         f"model runs {n_steps}")
-    return directions
+    @classmethod
+    def load(cls, path: Path) -> SteerPlan:
+        path = Path(path)
+        if not path.is_file() or not (path.parent / "plan.safetensors").is_file():
+            raise UserError(f"no steering plan at {path} (with plan.safetensors beside it); "
+                            "pass <run>/steer/plan.json of a run that steered")
+        data = json.loads(path.read_text())
+        tensors = load_file(path.parent / "plan.safetensors")
+        edits = [LayerEdit(e["layer"], tensors[e["directions"]]) for e in data.pop("edits")]
+        return cls(**data, edits=edits)

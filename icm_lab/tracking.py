@@ -1,6 +1,7 @@
 """Experiment tracking. Results are always written to disk first; a tracker mirrors them.
 
-`logger=none` tracks nothing. `logger=wandb` logs to Weights & Biases, one run per job, grouped
+Built from `conf/logger/*.yaml` through `_target_` (a partial: the run adds its directory, config,
+name and group). `logger=none` tracks nothing. `logger=wandb` logs to Weights & Biases, one run per job, grouped
 by sweep in a multirun. With no API key (or WANDB_MODE=offline) the run is written offline, and
 the run says so once.
 """
@@ -13,13 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+import wandb
 
 log = logging.getLogger(__name__)
 
 
 class Tracker:
     """The no-op tracker (`logger=none`)."""
+
+    def __init__(self, run_dir: Path, config: dict, name: str, group: str | None = None):
+        pass
 
     def log_metrics(self, metrics: dict[str, Any]) -> None:
         pass
@@ -35,20 +39,16 @@ class Tracker:
 
 
 class WandbTracker(Tracker):
-    def __init__(self, cfg: DictConfig, run_dir: Path, group: str | None, name: str):
-        import wandb
-
+    def __init__(self, run_dir: Path, config: dict, name: str, group: str | None = None,
+                 project: str = "icm_lab", entity: str | None = None, mode: str | None = None):
         self.wandb = wandb
-        mode = cfg.logger.mode or os.environ.get("WANDB_MODE")
+        mode = mode or os.environ.get("WANDB_MODE")
         if mode is None and not _has_wandb_key():
             mode = "offline"
             log.warning("W&B: no API key found, logging offline to %s/wandb "
                         "(sync later with `wandb sync`)", run_dir)
-        self.run = wandb.init(
-            project=cfg.logger.project, entity=cfg.logger.entity, group=group, name=name,
-            dir=str(run_dir), mode=mode, reinit="finish_previous",
-            config=OmegaConf.to_container(cfg, resolve=True),
-        )
+        self.run = wandb.init(project=project, entity=entity, group=group, name=name,
+                              dir=str(run_dir), mode=mode, reinit="finish_previous", config=config)
 
     def log_metrics(self, metrics: dict[str, Any]) -> None:
         self.run.log(metrics)
@@ -68,27 +68,3 @@ def _has_wandb_key() -> bool:
         return True
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     return netrc.exists() and "api.wandb.ai" in netrc.read_text()
-
-
-def make_tracker(cfg: DictConfig, run_dir: Path) -> Tracker:
-    if cfg.logger.name == "none":
-        return Tracker()
-    if cfg.logger.name != "wandb":
-        raise ValueError(f"unknown logger {cfg.logger.name!r}; valid: ['none', 'wandb']")
-    group, name = _sweep_group_and_name(cfg, run_dir)
-    return WandbTracker(cfg, run_dir, group, name)
-
-
-def _sweep_group_and_name(cfg: DictConfig, run_dir: Path) -> tuple[str | None, str]:
-    """In a multirun, group by the sweep directory and name the run by its job number."""
-    name = f"{cfg.model.name}-{cfg.concept.name}"
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hydra = HydraConfig.get()
-        if hydra.mode == RunMode.MULTIRUN:
-            return Path(hydra.sweep.dir).name, f"{name}-{hydra.job.num}"
-    except ValueError:  # not running under @hydra.main (tests, notebooks)
-        pass
-    return cfg.logger.get("group"), f"{name}-{run_dir.name}"

@@ -1,5 +1,5 @@
 """The toy world: generator, oracle, concepts, the training recipe, and the science on the
-shipped model (DESIGN.md section 6)."""
+shipped model (docs/toy_world.md)."""
 
 import numpy as np
 import pytest

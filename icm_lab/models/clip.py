@@ -8,8 +8,7 @@ from pathlib import Path
 
 import open_clip
 import torch
-from omegaconf import DictConfig
-
+from icm_lab.errors import ModelUnavailable, choices_error
 from icm_lab.models.loading import resolve_device
 
 # Model configs of our own (tiny random CLIP, the toy world's CLIP), registered with open_clip.
@@ -41,20 +40,22 @@ class Clip:
         return torch.nn.functional.normalize(torch.cat(features), dim=-1)
 
 
-def load_clip(cfg: DictConfig) -> Clip:
+def load_clip(model: str, pretrained: str | None = None, device: str = "auto",
+              batch_size: int = 32) -> Clip:
+    """An open_clip model (`conf/clip/*.yaml`): `pretrained` is an open_clip tag or a path."""
     known = open_clip.list_models()
-    if cfg.model not in known:
-        raise ValueError(f"unknown open_clip model {cfg.model!r}; valid: {known}")
-    device = resolve_device(cfg.device)
+    if model not in known:
+        raise choices_error("clip.model", model, known)
+    torch_device = resolve_device(device)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            cfg.model, pretrained=cfg.pretrained, device=device
+        net, _, preprocess = open_clip.create_model_and_transforms(
+            model, pretrained=pretrained, device=torch_device
         )
     except RuntimeError as error:
-        raise RuntimeError(
-            f"could not load CLIP {cfg.model!r} with pretrained={cfg.pretrained!r}: {error}\n"
-            "Weights come from the Hugging Face cache or a local checkpoint path; offline, pass "
-            "clip.pretrained=/path/to/open_clip_model.safetensors."
+        raise ModelUnavailable(
+            f"could not load CLIP {model!r} with pretrained={pretrained!r}: "
+            f"{str(error).splitlines()[0]} Weights come from the Hugging Face cache or a local "
+            "checkpoint; offline, pass clip.pretrained=/path/to/open_clip_model.safetensors."
         ) from error
-    model.eval()
-    return Clip(model, preprocess, open_clip.get_tokenizer(cfg.model), device, cfg.batch_size)
+    net.eval()
+    return Clip(net, preprocess, open_clip.get_tokenizer(model), torch_device, batch_size)

@@ -2,7 +2,7 @@
 
 A hook point is named by its module path inside the denoiser (`pipe.unet` or
 `pipe.transformer`), e.g. `up_blocks.1.attentions.0.transformer_blocks.0.attn1`, the names
-diffusers uses. Architecture knowledge lives in one walker per denoiser class (`_WALKERS`).
+diffusers uses. The walkers that read them live in the family adapters (`adapters.py`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import pandas as pd
-import torch
-from diffusers import DiffusionPipeline
+
+from icm_lab.errors import ConfigError
 
 LayerKind = Literal["attn1", "attn2", "bottleneck"]
 LAYER_KINDS: tuple[LayerKind, ...] = ("attn1", "attn2", "bottleneck")
@@ -29,7 +29,7 @@ class LayerInfo:
     block: str  # down / mid / up for a UNet, the transformer block for a DiT
 
 
-class UnknownLayerError(KeyError):
+class UnknownLayerError(ConfigError, KeyError):
     def __str__(self) -> str:  # KeyError would print the repr of the message
         return str(self.args[0])
 
@@ -70,60 +70,13 @@ class LayerRegistry:
             return [self._by_name[name] for name in self.names(spec)]
         return [self[name] for name in spec]
 
+    def resolve(self, items: Iterable[str]) -> list[LayerInfo]:
+        """Layer kinds and/or names (`collect.record`), each layer once, in registry order."""
+        chosen: set[str] = set()
+        for item in items:
+            is_kind = item in (*LAYER_KINDS, "all")
+            chosen.update(layer.name for layer in self.select(item if is_kind else [item]))
+        return [layer for layer in self.layers if layer.name in chosen]
+
     def table(self) -> pd.DataFrame:
         return pd.DataFrame([asdict(layer) for layer in self.layers])
-
-
-def denoiser(pipe: DiffusionPipeline) -> torch.nn.Module:
-    """The network called once per denoising step: a UNet, or a transformer for DiTs."""
-    for attr in ("unet", "transformer"):
-        module = getattr(pipe, attr, None)
-        if module is not None:
-            return module
-    raise TypeError(f"{type(pipe).__name__} has neither a unet nor a transformer")
-
-
-def _attention_layers(block: torch.nn.Module, prefix: str, resolution: int, where: str):
-    for name, module in block.named_modules():
-        kind = name.rsplit(".", 1)[-1]
-        if kind in ("attn1", "attn2") and hasattr(module, "to_out"):
-            width = module.to_out[0].out_features
-            yield LayerInfo(f"{prefix}.{name}", kind, width, resolution, where)
-
-
-def _unet_layers(unet: torch.nn.Module, latent_size: int) -> Iterator[LayerInfo]:
-    resolution = latent_size
-    for i, block in enumerate(unet.down_blocks):
-        yield from _attention_layers(block, f"down_blocks.{i}", resolution, "down")
-        if getattr(block, "downsamplers", None):
-            resolution = (resolution + 1) // 2
-    mid = unet.mid_block
-    yield from _attention_layers(mid, "mid_block", resolution, "mid")
-    yield LayerInfo("mid_block", "bottleneck", mid.resnets[-1].out_channels, resolution, "mid")
-    for i, block in enumerate(unet.up_blocks):
-        yield from _attention_layers(block, f"up_blocks.{i}", resolution, "up")
-        if getattr(block, "upsamplers", None):
-            resolution *= 2
-
-
-def _dit_layers(transformer: torch.nn.Module, latent_size: int) -> Iterator[LayerInfo]:
-    resolution = latent_size // transformer.config.patch_size
-    for i, block in enumerate(transformer.transformer_blocks):
-        yield from _attention_layers(block, f"transformer_blocks.{i}", resolution, f"block{i}")
-
-
-_WALKERS = {
-    "UNet2DConditionModel": _unet_layers,
-    "SanaTransformer2DModel": _dit_layers,
-}
-
-
-def layer_registry(pipe: DiffusionPipeline, resolution: int) -> LayerRegistry:
-    """Read the hook points of `pipe` for images of `resolution` pixels."""
-    net = denoiser(pipe)
-    walker = _WALKERS.get(type(net).__name__)
-    if walker is None:
-        raise TypeError(
-            f"no layer walker for denoiser {type(net).__name__}; known: {sorted(_WALKERS)}"
-        )
-    return LayerRegistry(walker(net, resolution // pipe.vae_scale_factor))

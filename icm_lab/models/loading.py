@@ -1,25 +1,30 @@
-"""Load a pipeline from its model config: real weights through `from_pretrained`, or a tiny
-random-weight twin built offline."""
+"""Model configs as objects (`conf/model/*.yaml` -> `ModelSpec` through `_target_`): loading
+real weights through `from_pretrained` or building a tiny random-weight twin offline, the
+arguments every generation passes, and the layer registry read without loading weights."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import diffusers
 import torch
 import transformers
+from accelerate import init_empty_weights
 from diffusers import DiffusionPipeline
-from omegaconf import DictConfig, OmegaConf
 
-from icm_lab.models.tiny import build_random
+from icm_lab.errors import ConfigError, ModelUnavailable, choices_error
+from icm_lab.models.adapters import ADAPTERS, ModelAdapter, adapter_for, layer_registry
+from icm_lab.models.layers import LayerRegistry
+from icm_lab.models.tiny import BUILDERS, build_random
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ModelUnavailable, RuntimeError):
     pass
 
 
@@ -31,61 +36,112 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; valid: {sorted(DTYPES)}")
+        raise choices_error("model.dtype", name, sorted(DTYPES))
     if device.type == "cpu" and name == "float16":
         log.warning("float16 is slow or unsupported on the CPU; using float32 instead")
         return torch.float32
     return DTYPES[name]
 
 
-def load_pipeline(model: DictConfig) -> DiffusionPipeline:
-    """The pipeline named by `model`, on its device and dtype, with its configured scheduler."""
-    device = resolve_device(model.device)
-    dtype = resolve_dtype(model.dtype, device)
-    pipe_cls = getattr(diffusers, model.pipeline)
-    if model.pretrained:
-        pipe = _from_pretrained(pipe_cls, model, dtype)
-    elif model.build:
-        pipe = build_random(model.build, seed=model.build_seed)
-    else:
-        raise ModelLoadError(f"model {model.name!r} sets neither model.pretrained nor model.build")
-    if not isinstance(pipe, pipe_cls):
-        raise ModelLoadError(f"model {model.name!r} loaded a {type(pipe).__name__}, "
-                             f"expected {model.pipeline}")
-    if model.scheduler:
-        scheduler_cls = getattr(diffusers, model.scheduler)
-        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
-    if model.build and not model.pretrained and dtype != torch.float32:
-        pipe.to(dtype=dtype)  # twins are built in float32; real weights load in their dtype
-    pipe.to(device=device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+@dataclass
+class ModelSpec:
+    """What `model=` names: the pipeline, its weights or twin builder, and how it generates."""
 
+    name: str
+    pipeline: str  # a diffusers pipeline class
+    pretrained: str | None = None  # a Hub id or a local save_pretrained() folder
+    variant: str | None = None
+    build: str | None = None  # a random-weight twin (models/tiny.py) when pretrained is null
+    build_seed: int = 0
+    dtype: str = "float32"
+    device: str = "auto"
+    scheduler: str | None = None  # a diffusers scheduler class; null keeps the checkpoint's
+    steps: int = 50
+    guidance: float = 7.5
+    resolution: int = 512
+    batch_size: int = 8
+    load_kwargs: dict[str, Any] = field(default_factory=dict)
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
 
-def _from_pretrained(pipe_cls: type, model: DictConfig, dtype: torch.dtype) -> DiffusionPipeline:
-    kwargs: dict[str, Any] = OmegaConf.to_container(model.load_kwargs, resolve=True) or {}
-    if model.get("variant"):
-        kwargs["variant"] = model.variant
-    # Loading takes seconds; its per-component progress bars would only bury the run's own.
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        return pipe_cls.from_pretrained(model.pretrained, torch_dtype=dtype, **kwargs)
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(
-            f"could not load model {model.name!r} from {model.pretrained!r}: {error}\n"
-            "Weights are read from a local path or the Hugging Face cache. On a machine without "
-            f"network, download them elsewhere and pass model.pretrained=/path/to/{model.name}."
-        ) from error
+    def __post_init__(self) -> None:
+        self.load_kwargs, self.call_kwargs = dict(self.load_kwargs), dict(self.call_kwargs)
+        if not hasattr(diffusers, self.pipeline):
+            raise ConfigError(f"model.pipeline={self.pipeline!r} is not a diffusers pipeline")
+        if self.scheduler and not hasattr(diffusers, self.scheduler):
+            raise ConfigError(f"model.scheduler={self.scheduler!r} is not a diffusers scheduler")
+        if self.dtype not in DTYPES:
+            raise choices_error("model.dtype", self.dtype, sorted(DTYPES))
+        if not self.pretrained and not self.build:
+            raise ConfigError(f"model {self.name!r} sets neither model.pretrained nor "
+                              "model.build")
+        if self.build and self.build not in BUILDERS:
+            raise choices_error("model.build", self.build, sorted(BUILDERS))
+        for key in ("steps", "resolution", "batch_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model.{key}={value!r} must be a positive integer")
 
+    def load(self) -> DiffusionPipeline:
+        """The pipeline, on its device and dtype, with its configured scheduler."""
+        device = resolve_device(self.device)
+        dtype = resolve_dtype(self.dtype, device)
+        pipe_cls = getattr(diffusers, self.pipeline)
+        pipe = self._from_pretrained(pipe_cls, dtype) if self.pretrained else build_random(
+            self.build, seed=self.build_seed)
+        if not isinstance(pipe, pipe_cls):
+            raise ModelLoadError(f"model {self.name!r} loaded a {type(pipe).__name__}, "
+                                 f"expected {self.pipeline}")
+        if self.scheduler:
+            pipe.scheduler = getattr(diffusers, self.scheduler).from_config(pipe.scheduler.config)
+        if not self.pretrained and dtype != torch.float32:
+            pipe.to(dtype=dtype)  # twins are built in float32; real weights load in their dtype
+        pipe.to(device=device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
-def pipeline_call_kwargs(model: DictConfig) -> dict[str, Any]:
-    """The keyword arguments every generation with this model passes to the pipeline."""
-    extra = OmegaConf.to_container(model.call_kwargs, resolve=True) or {}
-    return dict(
-        num_inference_steps=model.steps,
-        guidance_scale=model.guidance,
-        height=model.resolution,
-        width=model.resolution,
-        **extra,
-    )
+    def _from_pretrained(self, pipe_cls: type, dtype: torch.dtype) -> DiffusionPipeline:
+        kwargs = dict(self.load_kwargs)
+        if self.variant:
+            kwargs["variant"] = self.variant
+        # Loading takes seconds; its per-component progress bars would only bury the run's own.
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+        try:
+            return pipe_cls.from_pretrained(self.pretrained, torch_dtype=dtype, **kwargs)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(
+                f"could not load model {self.name!r} from {self.pretrained!r}: "
+                f"{str(error).splitlines()[0]} Weights are read from a local path or the "
+                "Hugging Face cache; without network, download them elsewhere and pass "
+                f"model.pretrained=/path/to/{self.name}."
+            ) from error
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments every generation with this model passes to the pipeline."""
+        return dict(num_inference_steps=self.steps, guidance_scale=self.guidance,
+                    height=self.resolution, width=self.resolution, **self.call_kwargs)
+
+    def registry_without_weights(self) -> tuple[LayerRegistry, ModelAdapter] | None:
+        """The layer registry from the denoiser's config alone, built on the meta device, so a
+        run can check layer names in seconds. None if the config is not on this machine (the
+        load then says what is missing)."""
+        if not self.pretrained:
+            with torch.device("meta"):
+                pipe = build_random(self.build, self.build_seed)
+            return layer_registry(pipe, self.resolution), adapter_for(pipe)
+        try:
+            index = DiffusionPipeline.load_config(self.pretrained, local_files_only=True)
+        except (OSError, ValueError):
+            return None
+        for adapter in ADAPTERS.values():
+            if adapter.denoiser_attr in index:
+                net_cls = getattr(diffusers, index[adapter.denoiser_attr][1])
+                vae_cls = getattr(diffusers, index["vae"][1])
+                config = net_cls.load_config(self.pretrained, subfolder=adapter.denoiser_attr,
+                                             local_files_only=True)
+                vae = vae_cls.load_config(self.pretrained, subfolder="vae", local_files_only=True)
+                with init_empty_weights():
+                    net = net_cls.from_config(config)
+                latent = self.resolution // adapter.vae_scale_factor(vae)
+                return LayerRegistry(adapter.walk(net, latent)), adapter
+        return None

@@ -3,17 +3,19 @@ steered, and label both.
 
 Base images depend only on the model, the concept's evaluation prompts and the seeds, so they
 are a content-addressed artefact that every steering run (an alpha sweep, a method comparison)
-reuses. Steered images, the per-image table and before/after grids go to the run directory.
+reuses. Steered images, the per-image table, the steering plan and before/after grids go to the
+run directory.
 
     <run>/steer/images/<index>.png    steered images (same index and seed as the base image)
     <run>/steer/images.parquet/.csv   index, prompt, seed, target, steered, base_label, label, ...
+    <run>/steer/plan.json (+ .safetensors)  the steering plan, replayable
     <run>/steer/grids/prompt_<i>.png  before/after grid per prompt
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,20 +23,14 @@ import pandas as pd
 
 from icm_lab.artefacts import Provenance, fingerprint
 from icm_lab.figures import before_after_grid
-from icm_lab.generation import generate_all
 from icm_lab.labeler import UNDECIDED
-from icm_lab.probeset import ProbeSet
-from icm_lab.runner import RunContext
-from icm_lab.selection import select_layers, step_window
-from icm_lab.stages.collect import labelled_table, sample_seed, save_images
-from icm_lab.steering import (
-    LAYER_METHODS,
-    UNTOUCHED,
-    SteerSettings,
-    assign_targets,
-    interventions,
-    steered_layers,
-)
+from icm_lab.methods import SteeringMethod
+from icm_lab.resources import Resources
+from icm_lab.sampling import eval_plan, labelled_table, save_images
+from icm_lab.schema import SteerConfig
+from icm_lab.selection import step_window
+from icm_lab.stages.localize import Localization
+from icm_lab.steering import UNTOUCHED, LayerEdit, SteerPlan, assign_targets
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +40,7 @@ class SteerResult:
     table: pd.DataFrame  # one row per sample: base and steered label side by side
     base_root: Path  # where base image paths are relative to
     steered_root: Path  # where steered image paths are relative to
-    layers: list[str]
+    plan: SteerPlan  # method, alpha, window, layers, directions: what evaluate reports
 
     def image_paths(self, rows: pd.DataFrame | None = None) -> tuple[list[Path], list[Path]]:
         """Absolute paths of the base and steered image of each row (method=none: both base)."""
@@ -55,123 +51,109 @@ class SteerResult:
                                                     strict=True)])
 
 
-def eval_plan(prompts: tuple[str, ...], per_prompt: int, seed: int) -> pd.DataFrame:
-    """Every evaluation prompt `per_prompt` times, each sample with its own seed."""
-    if not isinstance(per_prompt, int) or per_prompt <= 0:
-        raise ValueError(f"eval.n_images_per_prompt must be a positive integer, got {per_prompt}")
-    prompt_id = np.repeat(np.arange(len(prompts)), per_prompt)
-    index = np.arange(len(prompt_id))
-    return pd.DataFrame({
-        "index": index, "prompt_id": prompt_id, "prompt": [prompts[i] for i in prompt_id],
-        # A seed stream apart from collection's, so evaluation never reuses a probe's image.
-        "seed": [sample_seed(seed + 1_000_003, i) for i in index],
-    })
-
-
-def base_images(ctx: RunContext, plan: pd.DataFrame) -> tuple[pd.DataFrame, Path]:
+def base_images(res: Resources, plan: pd.DataFrame) -> tuple[pd.DataFrame, Path]:
     """The unsteered images of the plan, labelled; generated once per model/concept/seeds."""
-    cfg = ctx.cfg
-    provenance = Provenance("base", cfg.model.name, cfg.concept.name, fingerprint(
-        model={k: v for k, v in cfg.model.items() if k != "device"},
-        prompts=list(plan["prompt"]), seeds=list(plan["seed"]), clip=cfg.clip.model,
-        clip_pretrained=cfg.clip.pretrained, labeler=cfg.labeler,
-        classes=list(ctx.concept.classes), texts=ctx.concept.classifier_texts,
+    concept = res.concept
+    provenance = Provenance("base", res.model.name, concept.name, fingerprint(
+        model=res.model_identity(), prompts=list(plan["prompt"]), seeds=list(plan["seed"]),
+        **res.labelling_identity(), classes=list(concept.classes),
+        texts=concept.classifier_texts,
     ))
-    with ctx.artefact(provenance) as root:
+    with res.artefact(provenance) as root:
         table_path = root / "images.parquet"
         if table_path.exists():
             log.info("steer: reusing the base images at %s", root)
             return pd.read_parquet(table_path), root
-        images = generate_all(ctx, list(plan["prompt"]), list(plan["seed"]), desc="base images")
+        images = res.generator.all(list(plan["prompt"]), list(plan["seed"]), desc="base images")
         paths = save_images(images, plan["index"], root / "images", root)
-        table = labelled_table(plan, ctx.labeler(images), paths)
+        table = labelled_table(plan, res.labeler(images), paths)
         table.to_parquet(root / ".images.parquet.tmp", index=False)
         (root / ".images.parquet.tmp").replace(table_path)  # atomic: complete or absent
         return table, root
 
 
-def steer(ctx: RunContext) -> SteerResult:
-    cfg, concept = ctx.cfg, ctx.concept
-    settings = SteerSettings(method=cfg.method, alpha=cfg.steer.alpha,
-                             window=step_window(cfg.steer.start, cfg.steer.end, cfg.model.steps),
-                             halves=cfg.steer.halves, renorm=cfg.steer.renorm, seed=cfg.seed,
-                             direction=cfg.steer.direction)
-    plan = eval_plan(concept.eval_prompts, cfg.eval.n_images_per_prompt, cfg.seed)
-    # random needs probes too: their scores rank layers for layers=auto.
-    probes = load_probes(ctx) if cfg.method in LAYER_METHODS else None
-    base, base_root = base_images(ctx, plan)
-    targets = plan_targets(ctx, plan, base)
-
-    layers = []
-    if probes is not None:
-        chosen = select_layers(cfg.layers, ctx.registry, probes.scores, settings.window)
-        layers = steered_layers(cfg.method, chosen, ctx.registry)
-    log.info("steer: method %s, alpha %s, steps %d-%d, layers %s", cfg.method, settings.alpha,
-             settings.window.start, settings.window.stop - 1, [layer.name for layer in layers])
-
-    out = ctx.run_dir / "steer"
-    out.mkdir(parents=True, exist_ok=True)
-    prompts = steered_prompts(plan, targets, concept.class_words, concept.classes, cfg.method)
-    if cfg.method == "none":
-        images = None
+def steer(res: Resources, cfg: SteerConfig, method: SteeringMethod, per_prompt: int, seed: int,
+          localization: Localization | None) -> SteerResult:
+    """Base and steered images of the concept's evaluation prompts. `localization` gives the
+    probes and selected layers to methods that use them."""
+    concept = res.concept
+    plan = eval_plan(concept.eval_prompts, per_prompt, seed)
+    base, base_root = base_images(res, plan)
+    targets = plan_targets(concept.classes, concept.target, cfg.policy, seed, plan, base)
+    steer_plan = make_plan(res, cfg, method, seed, localization, plan, targets)
+    if steer_plan.edits:
+        log.info("steer: %s, alpha %s, steps %d-%d, layers %s", method, steer_plan.alpha,
+                 steer_plan.start, steer_plan.end - 1, steer_plan.layers)
     else:
-        edits = interventions(settings, layers, probes, targets, cfg.model.steps,
-                              len(concept.classes))
-        images = generate_all(ctx, prompts, list(plan["seed"]), edits, desc=f"steer ({cfg.method})")
-    table = result_table(ctx, plan, base, targets, images, out)
+        log.info("steer: %s (no layer is written to)", method)
+
+    out = res.run_dir / "steer"
+    out.mkdir(parents=True, exist_ok=True)
+    steer_plan.save(out)
+    images = None
+    if method.generates:
+        images = res.generator.all(steer_plan.prompts, steer_plan.seeds,
+                                   steer_plan.interventions(), desc=f"steer ({method.name})")
+    table = result_table(res, plan, base, targets, images, out, method.generates)
     table.to_parquet(out / "images.parquet", index=False)
     table.to_csv(out / "images.csv", index=False)
-    result = SteerResult(table, base_root, out, [layer.name for layer in layers])
+    result = SteerResult(table, base_root, out, steer_plan)
     grids = draw_grids(result)
-    ctx.tracker.log_images({f"steer/grid_{i}": path for i, path in enumerate(grids)})
-    ctx.tracker.log_table("steer/images", table)
+    res.tracker.log_images({f"steer/grid_{i}": path for i, path in enumerate(grids)})
+    res.tracker.log_table("steer/images", table)
     return result
 
 
-def load_probes(ctx: RunContext) -> ProbeSet:
-    """This run's probes, or those at `steer.probes` (refused if from another model/concept)."""
-    path = ctx.cfg.steer.get("probes")
-    if not path:
-        return ctx.stage("localize")
-    probes = ProbeSet(Path(path))
-    found = probes.meta["provenance"]
-    for key, expected in (("model", ctx.cfg.model.name), ("concept", ctx.cfg.concept.name)):
-        if found[key] != expected:
-            raise ValueError(f"the probes at {path} were made for {key} {found[key]!r}, but this "
-                             f"run steers {key} {expected!r}; localize with this {key} first")
-    return probes
+def make_plan(res: Resources, cfg: SteerConfig, method: SteeringMethod, seed: int,
+              localization: Localization | None, plan: pd.DataFrame,
+              targets: np.ndarray) -> SteerPlan:
+    """The method's layers and directions, the targets and prompts, as a SteerPlan."""
+    concept, n_steps = res.concept, res.model.steps
+    window = step_window(cfg.start, cfg.end, n_steps)
+    edits, probe_set = [], None
+    if method.uses_probes:
+        probes = localization.probes
+        probe_set = probes.meta["provenance"]["fingerprint"]
+        layers = method.layers(localization.selected, res.registry, res.adapter)
+        for index, layer in enumerate(layers):
+            directions = method.directions(layer, probes, cfg.direction, n_steps,
+                                           len(concept.classes), seed, index)
+            if directions.shape[0] != n_steps:
+                raise ValueError(f"probes at {probes.root} have {directions.shape[0]} steps "
+                                 f"but the model runs {n_steps}")
+            edits.append(LayerEdit(layer.name, directions))
+    words = [concept.class_words[k][0] for k in concept.classes]
+    prompts = [p if t == UNTOUCHED else method.prompt(p, words[t])
+               for p, t in zip(plan["prompt"], targets, strict=True)]
+    hooked = bool(edits)  # alpha and the window mean nothing to a method that adds no vector
+    return SteerPlan(
+        method=method.name, alpha=float(cfg.alpha) if hooked else None,
+        start=window.start if hooked else None, end=window.stop if hooked else None,
+        halves=cfg.halves, renorm=cfg.renorm, direction=method.source(cfg.direction),
+        probe_set=probe_set,
+        classes=list(concept.classes), prompts=prompts,
+        seeds=[int(s) for s in plan["seed"]], targets=[int(t) for t in targets],
+        model=asdict(res.model), edits=edits)
 
 
-def plan_targets(ctx: RunContext, plan: pd.DataFrame, base: pd.DataFrame) -> np.ndarray:
+def plan_targets(classes: tuple[str, ...], target: np.ndarray, policy: str, seed: int,
+                 plan: pd.DataFrame, base: pd.DataFrame) -> np.ndarray:
     """Exact target counts within each prompt (see steering.assign_targets)."""
-    concept, policy = ctx.concept, ctx.cfg.steer.policy
-    classes = list(concept.classes)
     base_class = np.array([classes.index(x) if x != UNDECIDED else -1 for x in base["label"]])
     targets = np.full(len(plan), UNTOUCHED)
     for prompt_id, rows in plan.groupby("prompt_id").groups.items():
         rows = np.asarray(rows)
-        targets[rows] = assign_targets(len(rows), concept.target, ctx.cfg.seed + int(prompt_id),
-                                       policy, base_class[rows])
+        targets[rows] = assign_targets(len(rows), target, seed + int(prompt_id), policy,
+                                       base_class[rows])
     return targets
 
 
-def steered_prompts(plan: pd.DataFrame, targets: np.ndarray, words: dict, classes: tuple,
-                    method: str) -> list[str]:
-    """The prompts to generate from: unchanged, except that the `prompt` baseline appends the
-    target class's word to the prompts of steered samples."""
-    prompts = list(plan["prompt"])
-    if method != "prompt":
-        return prompts
-    return [p if t == UNTOUCHED else f"{p}, {words[classes[t]][0]}"
-            for p, t in zip(prompts, targets, strict=True)]
-
-
-def result_table(ctx: RunContext, plan: pd.DataFrame, base: pd.DataFrame, targets: np.ndarray,
-                 images: list | None, out: Path) -> pd.DataFrame:
-    classes = list(ctx.concept.classes)
+def result_table(res: Resources, plan: pd.DataFrame, base: pd.DataFrame, targets: np.ndarray,
+                 images: list | None, out: Path, generates: bool) -> pd.DataFrame:
+    classes = list(res.concept.classes)
     table = plan.assign(
         target=[classes[t] if t != UNTOUCHED else "" for t in targets],
-        steered=(targets != UNTOUCHED) & (ctx.cfg.method != "none"),
+        steered=(targets != UNTOUCHED) & generates,
         base_label=base["label"].to_numpy(), base_image=base["image"].to_numpy(),
     )
     for name in classes:
@@ -181,7 +163,7 @@ def result_table(ctx: RunContext, plan: pd.DataFrame, base: pd.DataFrame, target
         return pd.concat([table, steered.reset_index(drop=True)], axis=1).assign(
             image_root="base")
     paths = save_images(images, plan["index"], out / "images", out)
-    labelled = labelled_table(plan, ctx.labeler(images), paths)
+    labelled = labelled_table(plan, res.labeler(images), paths)
     return pd.concat([table, labelled.drop(columns=plan.columns)], axis=1).assign(
         image_root="steer")
 

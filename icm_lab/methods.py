@@ -1,0 +1,107 @@
+"""Steering methods (`method=`, `conf/method/*.yaml` through `_target_`): which layers a method
+writes to, which directions it adds there, and which prompts it generates from.
+
+    icm         the selected layers (`layers=`), probe directions: the paper's method
+    attn2       the cross-attention layers of the selected blocks: self vs cross
+    all_layers  every attn1 and attn2 layer
+    hspace      the U-Net bottleneck (h-space)
+    random      the selected layers, random unit directions: the control
+    prompt      no hooks; the target class's word appended to the prompt
+    none        nothing: the steered images are the base images
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from icm_lab.models.adapters import ModelAdapter
+from icm_lab.models.layers import LayerInfo, LayerRegistry
+from icm_lab.probeset import ProbeSet
+
+
+class SteeringMethod:
+    name: ClassVar[str]
+    uses_probes: ClassVar[bool] = True  # directions (or the layers=auto ranking) from probes
+    generates: ClassVar[bool] = True  # False: the steered images are the base images
+
+    def layers(self, chosen: list[LayerInfo], registry: LayerRegistry,
+               adapter: ModelAdapter) -> list[LayerInfo]:
+        """The layers written to, given the `layers=` selection."""
+        return list(chosen)
+
+    def directions(self, layer: LayerInfo, probes: ProbeSet, source: str, n_steps: int,
+                   n_classes: int, seed: int, index: int) -> torch.Tensor:
+        """`[steps, classes, width]` unit directions for one steered layer."""
+        return probes.directions(layer.name, source)
+
+    def prompt(self, prompt: str, class_word: str) -> str:
+        """The prompt a sample steered toward the class of `class_word` is generated from."""
+        return prompt
+
+    def source(self, configured: str) -> str | None:
+        """Where the added directions come from (`steer.direction` unless the method decides)."""
+        return configured if self.uses_probes else None
+
+    def __repr__(self) -> str:
+        return f"method={self.name}"
+
+
+class Icm(SteeringMethod):
+    name = "icm"
+
+
+class CrossAttention(SteeringMethod):
+    name = "attn2"
+
+    def layers(self, chosen, registry, adapter):
+        return [adapter.cross_attention_of(layer, registry) for layer in chosen]
+
+
+class AllLayers(SteeringMethod):
+    name = "all_layers"
+
+    def layers(self, chosen, registry, adapter):
+        return registry.select("attn1") + registry.select("attn2")
+
+
+class HSpace(SteeringMethod):
+    name = "hspace"
+
+    def layers(self, chosen, registry, adapter):
+        return registry.select("bottleneck")
+
+
+class RandomDirections(SteeringMethod):
+    """The control: the same layers and strength as ICM, random unit directions (seeded)."""
+
+    name = "random"
+
+    def source(self, configured):
+        return "random"
+
+    def directions(self, layer, probes, source, n_steps, n_classes, seed, index):
+        g = torch.Generator().manual_seed(seed * 1000 + index)
+        return torch.nn.functional.normalize(
+            torch.randn(n_steps, n_classes, layer.width, generator=g), dim=-1)
+
+
+class PromptSuffix(SteeringMethod):
+    name = "prompt"
+    uses_probes = False
+
+    def layers(self, chosen, registry, adapter):
+        return []
+
+    def prompt(self, prompt, class_word):
+        return f"{prompt}, {class_word}"
+
+
+class NoSteering(SteeringMethod):
+    name = "none"
+    uses_probes = False
+    generates = False
+
+    def layers(self, chosen, registry, adapter):
+        return []

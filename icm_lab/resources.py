@@ -1,0 +1,127 @@
+"""What the stages of a run share: the model, its layer registry and generator, the concept, the
+CLIP, the labeler, the tracker and the artefact cache. Each is built from its config group on
+first use (`_target_` + `hydra.utils.instantiate`), so a stage that is skipped loads nothing.
+
+Stages import this module; the runner builds it; it imports no stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from diffusers import DiffusionPipeline
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from icm_lab.artefacts import Provenance, artefact_lock
+from icm_lab.concepts import Concept
+from icm_lab.generation import Generator
+from icm_lab.labeler import Labeler
+from icm_lab.models.adapters import ModelAdapter, adapter_for, layer_registry
+from icm_lab.models.clip import Clip
+from icm_lab.models.layers import LayerRegistry
+from icm_lab.models.loading import ModelSpec
+from icm_lab.tracking import Tracker
+
+
+class Resources:
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self._cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.model: ModelSpec = instantiate(cfg.model)
+        self.artefacts = Path(cfg.paths.artefacts)
+
+    @cached_property
+    def concept(self) -> Concept:
+        return Concept.from_config(self._cfg.concept)
+
+    @cached_property
+    def pipeline(self) -> DiffusionPipeline:
+        return self.model.load()
+
+    @cached_property
+    def adapter(self) -> ModelAdapter:
+        return adapter_for(self.pipeline)
+
+    @cached_property
+    def registry(self) -> LayerRegistry:
+        return layer_registry(self.pipeline, self.model.resolution)
+
+    @cached_property
+    def generator(self) -> Generator:
+        return Generator(self.pipeline, self.registry, self.model)
+
+    @cached_property
+    def clip(self) -> Clip:
+        return instantiate(self._cfg.clip)()
+
+    @cached_property
+    def labeler(self) -> Labeler:
+        make = instantiate(self._cfg.labeler)
+        extra = {"clip": self.clip} if make.func.uses_clip else {}
+        return make(concept=self.concept, **extra)
+
+    @cached_property
+    def tracker(self) -> Tracker:
+        name, group = self._tracking_name()
+        config = OmegaConf.to_container(self._cfg, resolve=True)
+        return instantiate(self._cfg.logger)(run_dir=self.run_dir, config=config, name=name,
+                                             group=group)
+
+    def _tracking_name(self) -> tuple[str, str | None]:
+        """In a multirun, one run per job named by its number, grouped by the sweep directory."""
+        name = f"{self.model.name}-{self._cfg.concept.name}"
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            hydra = HydraConfig.get()
+            return f"{name}-{hydra.job.num}", Path(hydra.sweep.dir).name
+        return f"{name}-{self.run_dir.name}", self._cfg.logger.get("group")
+
+    # -- what artefacts depend on ----------------------------------------------------------
+    def model_identity(self) -> dict[str, Any]:
+        """The model settings images depend on (not the device)."""
+        return {k: v for k, v in OmegaConf.to_container(self._cfg.model, resolve=True).items()
+                if k != "device"}
+
+    def labelling_identity(self) -> dict[str, Any]:
+        """The settings labels depend on."""
+        return {"clip": self._cfg.clip.model, "clip_pretrained": self._cfg.clip.pretrained,
+                "labeler": OmegaConf.to_container(self._cfg.labeler, resolve=True)}
+
+    def concept_identity(self) -> dict[str, Any]:
+        return OmegaConf.to_container(self._cfg.concept, resolve=True)
+
+    def labeler_description(self) -> dict[str, Any]:
+        """The labeler, its options, CLIP and text groups: reported beside every fairness
+        number."""
+        options = {k: v for k, v in OmegaConf.to_container(self._cfg.labeler, resolve=True)
+                   .items() if not k.startswith("_")}
+        return {"name": self.labeler.name, **options, "clip": self._cfg.clip.model,
+                "pretrained": self._cfg.clip.pretrained,
+                "texts": {k: list(v) for k, v in self.concept.classifier_texts.items()}}
+
+    # -- the artefact cache ----------------------------------------------------------------
+    def artefact_dir(self, provenance: Provenance) -> Path:
+        """Content-addressed: runs with the same stage fingerprint share (and resume) it. The run
+        directory links to it under the stage's name."""
+        name = f"{provenance.model}-{provenance.concept}-{provenance.fingerprint}"
+        path = self.artefacts / provenance.stage / name
+        path.mkdir(parents=True, exist_ok=True)
+        link = self.run_dir / provenance.stage
+        if not link.exists():
+            link.symlink_to(path.resolve(), target_is_directory=True)
+        return path
+
+    @contextmanager
+    def artefact(self, provenance: Provenance) -> Iterator[Path]:
+        """`artefact_dir`, held under an exclusive lock for the block: concurrent jobs that need
+        the same artefact wait while the first computes it, then find it complete and reuse it."""
+        path = self.artefact_dir(provenance)
+        with artefact_lock(path):
+            yield path

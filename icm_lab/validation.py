@@ -1,0 +1,110 @@
+"""The validation pass: every user-facing value is checked when the config is composed, before
+a model is loaded or anything is written, so a typo costs seconds, not a collection.
+
+Plain sections become their schema dataclasses (ranges, allowed values); components are
+instantiated (`model`, `method`, `probe`) or their options bound to their class (`labeler`,
+`clip`, `logger`); layer names are checked against the model's registry, read from the
+denoiser's config without loading weights.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import open_clip
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from icm_lab.concepts import Concept
+from icm_lab.errors import ConfigError, ModelUnavailable, UserError, choices_error
+from icm_lab.methods import SteeringMethod
+from icm_lab.models.layers import LayerRegistry
+from icm_lab.models.loading import ModelSpec
+from icm_lab.probeset import ProbeSet
+from icm_lab.schema import SECTIONS, STAGES, section
+
+OBJECTIVE_METRICS = ("fd", "fd_soft", "kl", "deviation", "clip_t", "clip_i", "fid", "kid")
+
+
+def build(node: DictConfig, key: str) -> Any:
+    """`instantiate(node)`, with a refusal by the target's own checks passed on as is."""
+    try:
+        return instantiate(node)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, UserError):
+            raise error.__cause__ from None
+        raise ConfigError(f"{key}: {str(error).splitlines()[-1]}") from error
+
+
+def _bind(make: partial, key: str, **supplied: Any) -> None:
+    """Refuse options the component's class does not take."""
+    try:
+        inspect.signature(make.func).bind(**supplied, **make.keywords)
+    except TypeError as error:
+        raise ConfigError(f"{key}: {error} (options given: {sorted(make.keywords)})") from None
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise a ConfigError (one line: key, value, valid choices) for the first bad value."""
+    unknown = [stage for stage in cfg.stages if stage not in STAGES]
+    if unknown or not cfg.stages:
+        raise choices_error("stages", list(cfg.stages), STAGES)
+    sections = {name: section(cfg, name) for name in SECTIONS}
+    if sections["objective"].metric not in OBJECTIVE_METRICS:
+        raise choices_error("objective.metric", sections["objective"].metric, OBJECTIVE_METRICS)
+    model: ModelSpec = build(cfg.model, "model")
+    method: SteeringMethod = build(cfg.method, "method")
+    build(cfg.probe, "probe")
+    concept = Concept.from_config(cfg.concept)
+    _check_labeler(build(cfg.labeler, "labeler"), concept)
+    _check_clip(cfg.clip)
+    _bind(build(cfg.logger, "logger"), "logger", run_dir=None, config={}, name="", group=None)
+    _check_paths(sections)
+    found = model.registry_without_weights()
+    if found is not None:
+        _check_layers(*found, sections, method)
+
+
+def _check_labeler(make: partial, concept: Concept) -> None:
+    supplied = {"concept": concept} | ({"clip": None} if make.func.uses_clip else {})
+    _bind(make, "labeler", **supplied)
+    make.func.check(concept, **make.keywords)
+
+
+def _check_clip(clip: DictConfig) -> None:
+    if clip.model not in open_clip.list_models():
+        raise choices_error("clip.model", clip.model, open_clip.list_models())
+    pretrained = clip.pretrained
+    if pretrained and ("/" in pretrained or Path(pretrained).suffix) and not Path(
+            pretrained).exists():
+        raise ModelUnavailable(f"clip.pretrained={pretrained!r} is not a file; pass an open_clip "
+                               "tag (e.g. openai) or the path of a checkpoint")
+
+
+def _check_paths(sections: dict[str, Any]) -> None:
+    reference = sections["eval"].reference_dir
+    if reference and not Path(reference).is_dir():
+        raise UserError(f"eval.reference_dir={reference!r} is not a folder of images")
+    probes = sections["steer"].probes
+    if probes and not ProbeSet.is_complete(Path(probes)):
+        raise UserError(f"steer.probes={probes!r} holds no complete probe set (no meta.json); "
+                        "pass the localize/ folder of a finished run")
+
+
+def _check_layers(registry: LayerRegistry, adapter, sections: dict[str, Any],
+                  method: SteeringMethod) -> None:
+    """Layer names in `layers=` and `collect.record` exist, and the method can steer them."""
+    recorded = registry.resolve(sections["collect"].record)
+    layers = sections["layers"]
+    if not isinstance(layers.select, list | tuple):
+        return  # a kind or auto: resolved from the registry itself
+    chosen = registry.select(list(layers.select))
+    steered = method.layers(chosen, registry, adapter)
+    missing = [layer.name for layer in steered if layer not in recorded]
+    if method.uses_probes and missing and not sections["steer"].probes:
+        raise ConfigError(f"{method} steers {missing}, which collect.record="
+                          f"{list(sections['collect'].record)} does not record; add them")
