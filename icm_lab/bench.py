@@ -20,11 +20,10 @@ from omegaconf import OmegaConf
 
 from icm_lab.config import CONFIG_DIR, compose_config
 from icm_lab.hooks import DenoiserHooks
-from icm_lab.models.layers import layer_registry
-from icm_lab.models.loading import load_pipeline, pipeline_call_kwargs
+from icm_lab.models.adapters import layer_registry
+from icm_lab.validation import build
 
 TARGETS = {"record": {"cpu": 0.10, "cuda": 0.05}, "steer": {"cpu": 0.03, "cuda": 0.02}}
-SD15_WIDTHS = [320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320]
 
 
 def _sync() -> None:
@@ -84,10 +83,10 @@ class HookTimer:
 def _hook_benchmark(args: argparse.Namespace, overrides: list[str], name: str,
                     hooks_for: Callable) -> None:
     """Plain generation against generation inside `DenoiserHooks(**hooks_for(pipe, registry))`."""
-    cfg = compose_config([f"model={args.model}", *overrides]).model
-    pipe = load_pipeline(cfg)
+    cfg = build(compose_config([f"model={args.model}", *overrides]).model, "model")
+    pipe = cfg.load()
     registry = layer_registry(pipe, cfg.resolution)
-    kwargs = pipeline_call_kwargs(cfg) | {"num_inference_steps": args.steps}
+    kwargs = cfg.pipeline_kwargs() | {"num_inference_steps": args.steps}
     prompts = ["a photo of a person"] * args.batch
     hook_kwargs = hooks_for(registry, args)
 
@@ -161,7 +160,10 @@ def bench_probes(args: argparse.Namespace, overrides: list[str]) -> None:
     from icm_lab.probes import fit_probes, scores
 
     n, steps = 1024, args.probe_steps
-    widths = SD15_WIDTHS * 2  # attn1 and attn2
+    registry, _ = build(compose_config(["model=sd15_random"]).model,
+                        "model").registry_without_weights()
+    widths = [layer.width for kind in ("attn1", "attn2") for layer in registry
+              if layer.kind == kind]  # SD1.5's, read from its architecture
     layers, y = planted_activations(n, steps, widths)
     train = torch.randperm(n, generator=torch.Generator().manual_seed(1))[: int(0.8 * n)]
     test = torch.tensor(sorted(set(range(n)) - set(train.tolist())))

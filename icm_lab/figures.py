@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import matplotlib
@@ -12,15 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from icm_lab.models.adapters import short_name  # noqa: E402
+
 KIND_COLOURS = {"attn1": "tab:blue", "attn2": "tab:orange", "bottleneck": "tab:green"}
-
-
-def short_name(layer: str) -> str:
-    """`up_blocks.1.attentions.0.transformer_blocks.0.attn1` -> `up1.a0.t0`."""
-    name = re.sub(r"(down|up)_blocks\.(\d+)", r"\1\2", layer)
-    name = name.replace("mid_block", "mid").replace("transformer_blocks.", "t")
-    name = name.replace("attentions.", "a")
-    return re.sub(r"\.attn[12]$", "", name)
 
 
 def separability_heatmaps(scores: pd.DataFrame, path: Path, score: str = "balanced_accuracy",

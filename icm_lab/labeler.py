@@ -27,7 +27,6 @@ import cv2
 import numpy as np
 import torch
 import torchvision
-from omegaconf import DictConfig
 from PIL import Image
 from safetensors.torch import load_file
 from torchvision.transforms.functional import normalize, to_tensor

@@ -31,12 +31,16 @@ from icm_lab.tracking import Tracker
 
 
 class Resources:
-    def __init__(self, cfg: DictConfig, run_dir: Path):
+    def __init__(self, cfg: DictConfig, run_dir: Path,
+                 pipeline: DiffusionPipeline | None = None):
+        """`pipeline`: one already loaded for `model=` (tests, notebooks), used as is."""
         self._cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.model: ModelSpec = instantiate(cfg.model)
         self.artefacts = Path(cfg.paths.artefacts)
+        if pipeline is not None:
+            self.pipeline = pipeline  # takes the cached property's place
 
     @cached_property
     def concept(self) -> Concept:

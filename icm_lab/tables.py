@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from icm_lab.figures import short_name  # noqa: E402
+from icm_lab.models.adapters import short_name  # noqa: E402
 
 DEBIAS_METRICS = {"fd": "FD↓", "fd_soft": "FD_soft↓", "fid": "FID↓", "kid": "KID↓",
                   "clip_t": "CLIP-T↑", "clip_i": "CLIP-I↑"}
@@ -38,7 +38,8 @@ def run_metrics(root: Path) -> pd.DataFrame:
         steered = metrics["steered"]
         rows.append({
             "run": str(path.parent), "model": metrics["model"], "concept": metrics["concept"],
-            "method": metrics["method"], "alpha": metrics["alpha"],
+            "method": metrics["method"],
+            "alpha": float("nan") if metrics["alpha"] is None else metrics["alpha"],
             "layers": ", ".join(short_name(n) for n in metrics["layers"]) or "-",
             "base_fd": metrics["base"]["fd"],
             **{key: steered.get(key, float("nan")) for key in DEBIAS_METRICS},
@@ -75,9 +76,9 @@ def localization_table(root: Path) -> pd.DataFrame:
 
 
 def debiasing_table(runs: pd.DataFrame) -> pd.DataFrame:
-    keys = ["model", "concept", "method", "alpha"]
-    table = runs.groupby(keys, sort=True)[list(DEBIAS_METRICS)].mean()
-    table["runs"] = runs.groupby(keys).size()
+    keys = ["model", "concept", "method", "alpha"]  # alpha is NaN for prompt and none
+    table = runs.groupby(keys, sort=True, dropna=False)[list(DEBIAS_METRICS)].mean()
+    table["runs"] = runs.groupby(keys, dropna=False).size()
     return table.rename(columns=DEBIAS_METRICS).reset_index()
 
 

@@ -1,9 +1,9 @@
 """Experiment tracking. Results are always written to disk first; a tracker mirrors them.
 
-Built from `conf/logger/*.yaml` through `_target_` (a partial: the run adds its directory, config,
-name and group). `logger=none` tracks nothing. `logger=wandb` logs to Weights & Biases, one run per job, grouped
-by sweep in a multirun. With no API key (or WANDB_MODE=offline) the run is written offline, and
-the run says so once.
+Built from `conf/logger/*.yaml` through `_target_` (a partial: the run adds its directory,
+config, name and group). `logger=none` tracks nothing. `logger=wandb` logs to Weights & Biases,
+one run per job, grouped by sweep in a multirun. With no API key (or WANDB_MODE=offline) the
+run is written offline, and the run says so once.
 """
 
 from __future__ import annotations

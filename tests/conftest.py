@@ -11,8 +11,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from icm_lab.config import compose_config  # noqa: E402
-from icm_lab.models.layers import layer_registry  # noqa: E402
-from icm_lab.models.loading import load_pipeline  # noqa: E402
+from icm_lab.models.adapters import layer_registry  # noqa: E402
+from icm_lab.validation import build  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -31,14 +31,14 @@ def make_config(*overrides: str):
 
 @pytest.fixture(scope="session")
 def tiny():
-    """name -> (pipeline, registry, model config), built once per session."""
+    """name -> (pipeline, registry, ModelSpec), built once per session."""
     cache = {}
 
     def get(name: str):
         if name not in cache:
-            cfg = make_config(f"model={name}").model
-            pipe = load_pipeline(cfg)
-            cache[name] = (pipe, layer_registry(pipe, cfg.resolution), cfg)
+            spec = build(make_config(f"model={name}").model, "model")
+            pipe = spec.load()
+            cache[name] = (pipe, layer_registry(pipe, spec.resolution), spec)
         return cache[name]
 
     return get

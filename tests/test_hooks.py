@@ -1,16 +1,18 @@
+import json
+
 import numpy as np
 import pytest
 import torch
 from diffusers import HeunDiscreteScheduler
 
-from icm_lab.hooks import AddVector, DenoiserHooks
-from icm_lab.models.loading import pipeline_call_kwargs
+from icm_lab.hooks import AddVector, DenoiserHooks, Intervention, SwapContext
+from icm_lab.models.adapters import adapter_for, denoiser
 
 PROMPTS = ["a photo of a person", "a portrait of someone", "a face of a tourist"]
 
 
 def generate(pipe, cfg, steps, guidance, prompts=PROMPTS, output_type="np"):
-    kwargs = pipeline_call_kwargs(cfg) | {"num_inference_steps": steps, "guidance_scale": guidance}
+    kwargs = cfg.pipeline_kwargs() | {"num_inference_steps": steps, "guidance_scale": guidance}
     generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
     return pipe(prompts, generator=generators, output_type=output_type, **kwargs).images
 
@@ -163,27 +165,25 @@ def test_intervention_rejects_bad_vectors(tiny):
 
 @pytest.mark.parametrize("name", ["tiny_sd15", "tiny_sdxl", "tiny_sana"])
 def test_swap_context_reaches_one_layer_on_the_conditional_half(name, tiny):
-    from icm_lab.hooks import SwapContext
-    from icm_lab.models.text import cross_attention_context
-
     pipe, registry, cfg = tiny(name)
-    call_kwargs = pipeline_call_kwargs(cfg)
+    call_kwargs = cfg.pipeline_kwargs()
+    context = adapter_for(pipe).text_context
     target = registry.names("attn2")[-1]
-    module = dict(hooks_net(pipe).named_modules())[target]
+    module = dict(denoiser(pipe).named_modules())[target]
     seen = []
     spy = module.register_forward_pre_hook(
         lambda m, a, kw: seen.append(kw["encoder_hidden_states"].clone()), with_kwargs=True
     )
     try:
         # The pipeline's own context, swapped in unchanged, must change nothing at all.
-        same = cross_attention_context(pipe, PROMPTS, call_kwargs)
+        same = context(pipe, PROMPTS, call_kwargs)
         with DenoiserHooks(pipe, registry, interventions=[SwapContext(target, same)]):
             generate(pipe, cfg, steps=2, guidance=5.0)
         assert len(seen) == 2
         n = len(PROMPTS)
         torch.testing.assert_close(seen[0][n:], same, rtol=1e-5, atol=1e-5)
 
-        explicit = cross_attention_context(pipe, ["a photo of a woman"] * n, call_kwargs)
+        explicit = context(pipe, ["a photo of a woman"] * n, call_kwargs)
         with DenoiserHooks(pipe, registry, record=[target],
                            interventions=[SwapContext(target, explicit)]) as hooks:
             generate(pipe, cfg, steps=2, guidance=5.0)
@@ -198,5 +198,17 @@ def test_swap_context_reaches_one_layer_on_the_conditional_half(name, tiny):
             generate(pipe, cfg, steps=1, guidance=5.0)
 
 
-def hooks_net(pipe):
-    return getattr(pipe, "unet", None) or pipe.transformer
+def test_interventions_round_trip_through_plain_data():
+    add = AddVector("mid_block", torch.randn(3, 5, 8), start=2, end=4, halves="both",
+                    renorm=True)
+    swap = SwapContext("down_blocks.0.attentions.0.transformer_blocks.0.attn2",
+                       torch.randn(3, 7, 16), start=1)
+    tensors = {}
+    data = [add.to_dict(tensors, "0"), swap.to_dict(tensors, "1")]
+    assert json.loads(json.dumps(data)) == data  # plain JSON; tensors only by reference
+    back = [Intervention.from_dict(d, tensors) for d in data]
+    for original, restored in zip((add, swap), back, strict=True):
+        assert type(restored) is type(original)
+        for key, value in vars(original).items():
+            other = getattr(restored, key)
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other

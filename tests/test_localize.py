@@ -2,15 +2,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hydra.utils import instantiate
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
 from icm_lab.artefacts import ArtefactMismatchError, Provenance
+from icm_lab.errors import UserError
 from icm_lab.models.layers import UnknownLayerError
 from icm_lab.probes import fit_probes, scores, targets
 from icm_lab.probeset import ProbeSet
-from icm_lab.runner import RunContext, run
-from icm_lab.selection import rank_layers, select_layers, step_window
+from icm_lab.resources import Resources
+from icm_lab.runner import run
+from icm_lab.schema import section
+from icm_lab.selection import LayerSelection, rank_layers, step_window
 from icm_lab.splits import split_indices
+from icm_lab.stages.localize import localize
 from icm_lab.store import ActivationStore, StoreWriter
 from tests.conftest import make_config
 
@@ -81,7 +86,7 @@ def test_logreg_is_independent_of_chunking_and_input_precision():
                                     {"max_iter": 0}, {"max_iter": 2.5}])
 def test_bad_probe_options_are_refused(option):
     x, y, _ = planted_batch(P=1)
-    with pytest.raises(ValueError, match=f"probe.{next(iter(option))} must be"):
+    with pytest.raises(ValueError, match=f"probe.{next(iter(option))}=.* must be"):
         fit_probes("logreg", x, y, 2, **option)
 
 
@@ -137,7 +142,7 @@ def test_grouped_split_keeps_prompts_on_one_side():
 def test_split_needs_two_classes():
     with pytest.raises(ValueError, match="at least 2 images of each of at least 2 classes"):
         split_indices(np.zeros(10, int), np.arange(10), "prompt", 0.2, 0)
-    with pytest.raises(ValueError, match="unknown split 'person'"):
+    with pytest.raises(ValueError, match="unknown split .person."):
         split_indices(np.arange(10) % 2, np.arange(10), "person", 0.2, 0)
 
 
@@ -165,25 +170,33 @@ def planted_store(root, registry, n=400, steps=10, seed=0) -> ActivationStore:
     return store
 
 
-def planted_context(tmp_path, tiny, *overrides):
+def planted_localize(tmp_path, tiny, *overrides):
+    """The localize stage on a planted store, with the session's twin as its pipeline."""
     pipe, registry, _ = tiny("tiny_sd15")
-    cfg = make_config(f"paths.root={tmp_path}", "steer.start=0.3", *overrides)
-    ctx = RunContext(cfg, tmp_path / "run")
-    ctx.__dict__.update(pipeline=pipe, registry=registry)  # reuse the session's twin
-    ctx.results["collect"] = planted_store(tmp_path / "store", registry)
-    return ctx
+    cfg = make_config(f"paths.root={tmp_path}", *overrides)
+    res = Resources(cfg, tmp_path / "run", pipeline=pipe)
+    store = planted_store(tmp_path / "store", registry)
+    selection = LayerSelection("auto", "attn1", 3, step_window(0.3, None, store.n_steps))
+
+    def run_stage():
+        return localize(res, section(cfg, "localize"), instantiate(cfg.probe), store,
+                        selection, cfg.seed)
+
+    return store, run_stage
 
 
 def test_localize_ranks_the_planted_layer_first(tmp_path, tiny):
-    ctx = planted_context(tmp_path, tiny)
-    probes = ctx.stage("localize")
+    store, localize_stage = planted_localize(tmp_path, tiny)
+    localization = localize_stage()
+    probes = localization.probes
+    assert localization.selected[0].name == PLANTED
     window = step_window(0.3, None, 10)
     ranking = rank_layers(probes.scores, window)
     assert ranking["layer"].iloc[0] == PLANTED
     assert ranking["balanced_accuracy"].iloc[0] > 0.95
     assert ranking["balanced_accuracy"].iloc[1] < 0.75
     female = probes.directions(PLANTED)[3:, 1].double().numpy()  # [steps, width]
-    cos = female @ ctx.results["collect"].planted_direction
+    cos = female @ store.planted_direction
     assert cos.min() >= 0.9
     assert np.allclose(probes.directions(PLANTED)[3:, 0], -probes.directions(PLANTED)[3:, 1])
     selected = (tmp_path / "run" / "selected_layers.json").read_text()
@@ -194,8 +207,8 @@ def test_localize_ranks_the_planted_layer_first(tmp_path, tiny):
 
 
 def test_probe_artefacts_round_trip_and_refuse_mismatches(tmp_path, tiny):
-    ctx = planted_context(tmp_path, tiny, "probe=mean_diff")
-    probes = ctx.stage("localize")
+    _, localize_stage = planted_localize(tmp_path, tiny, "probe=mean_diff")
+    probes = localize_stage().probes
     again = ProbeSet(probes.root, expect=Provenance(**probes.meta["provenance"]))
     fit = again.fit(PLANTED)
     assert fit.weight.shape == (10, 32, 1) and fit.mean.shape == (10, 32)  # up_blocks.1: 32 wide
@@ -216,23 +229,24 @@ def test_layer_selection(tiny):
         for layer in registry for step in range(10)
     ])
     late, early = range(5, 10), range(0, 5)
-    auto = make_config("layers=auto", "layers.k=2").layers
-    assert [layer.name for layer in select_layers(auto, registry, scores_table, late)][0] == PLANTED
-    assert PLANTED not in [layer.name for layer in
-                           select_layers(make_config("layers.k=1").layers, registry,
-                                         scores_table[scores_table.step < 5], early)]
+
+    def select(*overrides, window=late, scores=None):
+        layers = section(make_config(*overrides), "layers")
+        chosen = LayerSelection(layers.select, layers.kind, layers.k, window).resolve(registry,
+                                                                                      scores)
+        return [layer.name for layer in chosen]
+
+    assert select("layers=auto", "layers.k=2", scores=scores_table)[0] == PLANTED
+    assert PLANTED not in select("layers.k=1", window=early,
+                                 scores=scores_table[scores_table.step < 5])
     for option, count in [("all_attn1", 16), ("all_attn2", 16), ("all", 33), ("bottleneck", 1),
                           ("paper_sd15", 3)]:
-        chosen = select_layers(make_config(f"layers={option}").layers, registry, None, late)
-        assert len(chosen) == count, option
-    explicit = make_config(f"layers.select=[{PLANTED},mid_block]").layers
-    assert [layer.name for layer in select_layers(explicit, registry, None, late)] == [
-        PLANTED, "mid_block"]
+        assert len(select(f"layers={option}")) == count, option
+    assert select(f"layers.select=[{PLANTED},mid_block]") == [PLANTED, "mid_block"]
     with pytest.raises(UnknownLayerError, match="Valid layers"):
-        select_layers(make_config("layers.select=[up_blocks.7.attn1]").layers, registry, None,
-                      late)
-    with pytest.raises(ValueError, match="run the localize stage"):
-        select_layers(auto, registry, None, late)
+        select("layers.select=[up_blocks.7.attn1]")
+    with pytest.raises(UserError, match="run the localize stage"):
+        select("layers=auto")
 
 
 @pytest.mark.parametrize("bad", ["1.5", "nan", "-0.1"])
@@ -244,7 +258,7 @@ def test_steering_window_is_validated(bad):
 def test_localize_end_to_end_with_explicit_swap(tmp_path):
     cfg = make_config(f"paths.root={tmp_path}", "collect.n_images=30", "model.steps=4",
                       "localize.method=explicit_swap", "localize.swap_images=2")
-    probes = run(cfg, tmp_path / "run")["localize"]
+    probes = run(cfg, tmp_path / "run")["localize"].probes
     assert set(probes.scores["step"]) == set(range(4))
     assert probes.scores["balanced_accuracy"].between(0, 1).all()
     assert (tmp_path / "run" / "layer_ranking.png").exists()
@@ -263,7 +277,8 @@ def test_localize_end_to_end_on_sdxl_multiclass(tmp_path):
     samples = store.samples.assign(label=np.array(["young", "adult", "old"])[
         store.samples["prompt_id"] % 3])
     samples.to_parquet(store.root / "store" / "samples.parquet", index=False)
-    probes = run(make_config(*overrides, "stages=[localize]"), tmp_path / "run")["localize"]
+    probes = run(make_config(*overrides, "stages=[localize]"),
+                 tmp_path / "run")["localize"].probes
     assert probes.classes == ["young", "adult", "old"]
     assert probes.meta["provenance"]["model"] == "tiny_sdxl"
     layer = probes.layers[0]
@@ -272,8 +287,7 @@ def test_localize_end_to_end_on_sdxl_multiclass(tmp_path):
 
 
 def test_localize_refuses_single_class_stores(tmp_path, tiny):
-    ctx = planted_context(tmp_path, tiny)
-    store = ctx.results["collect"]
+    store, localize_stage = planted_localize(tmp_path, tiny)
     store.samples["label"] = "male"
-    with pytest.raises(ValueError, match="'male': 400, 'female': 0"):
-        ctx.stage("localize")
+    with pytest.raises(UserError, match="'male': 400, 'female': 0"):
+        localize_stage()

@@ -3,9 +3,12 @@ import pytest
 import torch
 
 from icm_lab.__main__ import layers_command
-from icm_lab.models.layers import UnknownLayerError, layer_registry
-from icm_lab.models.loading import ModelLoadError, load_pipeline, pipeline_call_kwargs
+from icm_lab.errors import ConfigError
+from icm_lab.models.adapters import ADAPTERS, adapter_for, layer_registry, short_name
+from icm_lab.models.layers import UnknownLayerError
+from icm_lab.models.loading import ModelLoadError
 from icm_lab.models.tokenizers import clip_tokenizer
+from icm_lab.validation import build
 from tests.conftest import make_config
 
 TWINS = ["tiny_sd15", "tiny_sdxl", "tiny_sana"]
@@ -23,7 +26,7 @@ def test_clip_tokenizer_matches_open_clip(text):
 
 
 def _generate(pipe, cfg, seed=3):
-    kwargs = pipeline_call_kwargs(cfg) | {"num_inference_steps": 3}
+    kwargs = cfg.pipeline_kwargs() | {"num_inference_steps": 3}
     generator = [torch.Generator().manual_seed(seed)]
     return pipe(["a photo of a person"], generator=generator, output_type="np", **kwargs).images
 
@@ -32,12 +35,16 @@ def _generate(pipe, cfg, seed=3):
 def test_twin_round_trips_through_from_pretrained(name, tiny, tmp_path):
     pipe, registry, cfg = tiny(name)
     pipe.save_pretrained(tmp_path / name)
-    loaded_cfg = make_config(f"model={name}", f"model.pretrained={tmp_path / name}").model
-    loaded = load_pipeline(loaded_cfg)
+    loaded_cfg = build(make_config(f"model={name}", f"model.pretrained={tmp_path / name}").model,
+                       "model")
+    loaded = loaded_cfg.load()
     assert type(loaded) is type(pipe)
     assert type(loaded.tokenizer) is type(pipe.tokenizer)
     assert layer_registry(loaded, loaded_cfg.resolution).layers == registry.layers
     assert (_generate(pipe, cfg) == _generate(loaded, loaded_cfg)).all()
+    # The registry read from the saved configs alone (meta device, no weights) is the same.
+    without_weights, adapter = loaded_cfg.registry_without_weights()
+    assert without_weights.layers == registry.layers and adapter is adapter_for(pipe)
 
 
 def test_sd15_twin_has_sd15_hook_points(tiny):
@@ -75,8 +82,10 @@ def test_unknown_layer_lists_the_valid_names(tiny):
 
 def test_missing_weights_give_a_clear_error(tmp_path):
     cfg = make_config("model=sd15", f"model.pretrained={tmp_path / 'absent'}", "model.device=cpu")
+    spec = build(cfg.model, "model")
+    assert spec.registry_without_weights() is None  # nothing to read: the load says why
     with pytest.raises(ModelLoadError, match="model.pretrained="):
-        load_pipeline(cfg.model)
+        spec.load()
 
 
 def test_layers_command_prints_the_registry(capsys):
@@ -87,11 +96,9 @@ def test_layers_command_prints_the_registry(capsys):
 
 
 def test_full_size_sd15_registry_matches_the_paper_architecture():
-    with torch.device("meta"):  # the real architecture, no memory, no weights
-        from icm_lab.models.tiny import sd15_random
-
-        pipe = sd15_random()
-    table = layer_registry(pipe, 512).table()
+    # The real architecture on the meta device: no memory, no weights.
+    registry, _ = build(make_config("model=sd15_random").model, "model").registry_without_weights()
+    table = registry.table()
     assert table.kind.value_counts().to_dict() == {"attn1": 16, "attn2": 16, "bottleneck": 1}
     assert sorted(set(table.width)) == [320, 640, 1280]
     paper = table.set_index("name").loc[list(make_config("layers=paper_sd15").layers.select)]
@@ -102,3 +109,29 @@ def test_experiment_is_a_delta_over_the_defaults():
     cfg = make_config("experiment=paper_sd15_gender")
     assert cfg.model.name == "sd15" and cfg.clip.model == "ViT-L-14"
     assert len(cfg.layers.select) == 3 and cfg.collect.n_images == 1000
+
+
+def test_the_toy_registry_is_read_without_weights(tiny):
+    _, registry, spec = tiny("toy")
+    without_weights, _ = spec.registry_without_weights()
+    assert without_weights.layers == registry.layers
+
+
+@pytest.mark.parametrize("name", TWINS)
+def test_each_family_pairs_self_with_cross_attention(name, tiny):
+    pipe, registry, _ = tiny(name)
+    adapter = adapter_for(pipe)
+    for layer in registry.select("attn1"):
+        partner = adapter.cross_attention_of(layer, registry)
+        assert partner.kind == "attn2" and partner.name.rsplit(".", 1)[0] == layer.name.rsplit(
+            ".", 1)[0]
+        assert short_name(layer.name) == adapter.short_name(layer.name)
+    for layer in registry.select("bottleneck"):
+        with pytest.raises(ConfigError, match="no cross-attention partner"):
+            adapter.cross_attention_of(layer, registry)
+
+
+def test_every_denoiser_class_has_one_adapter():
+    assert set(ADAPTERS) == {"UNet2DConditionModel", "SanaTransformer2DModel"}
+    assert short_name("up_blocks.1.attentions.0.transformer_blocks.0.attn1") == "up1.a0.t0"
+    assert short_name("transformer_blocks.3.attn2") == "t3"

@@ -1,18 +1,20 @@
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
+from icm_lab.errors import ConfigError, UserError
 from icm_lab.hooks import DenoiserHooks
-from icm_lab.runner import RunContext, run
+from icm_lab.replay import regenerate
+from icm_lab.runner import run
+from icm_lab.schema import SteerConfig
 from icm_lab.selection import step_window
 from icm_lab.stages.steer import SteerResult
 from icm_lab.steering import (
     UNTOUCHED,
-    SteerSettings,
+    LayerEdit,
+    SteerPlan,
     assign_targets,
-    interventions,
     largest_remainder,
 )
 from tests.conftest import make_config
@@ -47,11 +49,19 @@ def test_minimal_policy_steers_only_what_is_needed():
 
 
 def test_alpha_must_be_finite():
-    for alpha in (float("nan"), float("inf"), "15"):
-        with pytest.raises(ValueError, match="steer.alpha must be a finite number"):
-            SteerSettings("icm", alpha, range(3, 10))
-    with pytest.raises(ValueError, match="unknown method 'icmm'"):
-        SteerSettings("icmm", 1.0, range(3, 10))
+    for alpha in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ConfigError, match="steer.alpha=.* must be a finite number"):
+            SteerConfig(alpha=alpha)
+
+
+def add_vectors(probes, layers, targets, window, alpha):
+    """The AddVectors of an ICM plan with the probes' own (w / scale) directions."""
+    plan = SteerPlan(method="icm", alpha=alpha, start=window.start, end=window.stop,
+                     halves="cond", renorm=False, direction="probe", probe_set=None,
+                     classes=probes.classes, prompts=[""] * len(targets),
+                     seeds=[0] * len(targets), targets=[int(t) for t in targets], model={},
+                     edits=[LayerEdit(name, probes.directions(name, "probe")) for name in layers])
+    return plan.interventions()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +70,7 @@ def localized(tmp_path_factory):
     root = tmp_path_factory.mktemp("lab")
     cfg = make_config(f"paths.root={root}", *SMALL, "stages=[collect,localize]")
     results = run(cfg, root / "localize_run")
-    return root, results["localize"]
+    return root, results["localize"].probes
 
 
 def steer_run(root, name, *overrides) -> SteerResult:
@@ -74,8 +84,7 @@ def test_steering_moves_the_probe_logit_towards_the_target(localized, tiny):
     layer = probes.scores.groupby("layer")["balanced_accuracy"].mean().idxmax()
     window = step_window(0.3, None, 8)
     targets = np.array([0, 1, 0, 1])
-    settings = SteerSettings("icm", 15.0, window)
-    edits = interventions(settings, [registry[layer]], probes, targets, 8, n_classes=2)
+    edits = add_vectors(probes, [layer], targets, window, 15.0)
     prompts = ["a photo of a person"] * 4
 
     def record(edits):
@@ -118,14 +127,16 @@ def test_untouched_samples_are_bit_identical_to_base(localized):
 def test_every_method_runs_and_reuses_base_images(localized, method, n_layers):
     root, _ = localized
     result = steer_run(root, f"method_{method}", f"method={method}")
-    assert len(result.layers) == n_layers
+    assert len(result.plan.layers) == n_layers
+    assert result.plan.method == method
+    assert (result.plan.alpha is None) == (n_layers == 0)  # no vector added, no strength
     table = result.table
     assert len(table) == 12 * 4
     counts = table.groupby("prompt_id")["target"].value_counts().unstack()
     assert (counts["male"] == 2).all() and (counts["female"] == 2).all()
     assert table["steered"].all() == (method != "none")
     if method == "attn2":
-        assert all(name.endswith("attn2") for name in result.layers)
+        assert all(name.endswith("attn2") for name in result.plan.layers)
     assert len(list((result.steered_root / "grids").glob("*.png"))) == 12
     bases = [p for p in (root / "outputs" / "artefacts" / "base").iterdir() if p.is_dir()]
     assert len(bases) == 1  # one base set, shared by every method
@@ -147,8 +158,7 @@ def test_steps_before_the_window_are_untouched(localized, tiny):
     _, probes = localized
     pipe, registry, _ = tiny("tiny_sd15")
     window = step_window(0.5, None, 8)
-    edits = interventions(SteerSettings("icm", 20.0, window), [registry[probes.layers[0]]],
-                          probes, np.array([1, 0]), 8, n_classes=2)
+    edits = add_vectors(probes, [probes.layers[0]], [1, 0], window, 20.0)
 
     def record(edits):
         generators = [torch.Generator().manual_seed(i) for i in range(2)]
@@ -164,32 +174,40 @@ def test_steps_before_the_window_are_untouched(localized, tiny):
                               steered[probes.layers[0]][:, window.start :])
 
 
-def test_missing_probes_are_a_clear_error(tmp_path):
+def test_steering_unrecorded_layers_is_refused_before_collecting(tmp_path):
     cfg = make_config(f"paths.root={tmp_path}", *SMALL, "collect.record=[attn2]",
                       "layers=paper_sd15")
-    with pytest.raises(ValueError, match="no probes for layer 'mid_block.attentions.0"):
+    with pytest.raises(ConfigError, match="steers .*mid_block.attentions.0.* which "
+                                          "collect.record=\\['attn2'\\] does not record"):
         run(cfg, tmp_path / "run")
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_probes_from_another_concept_are_refused(localized, tmp_path):
     root, probes = localized
     cfg = make_config(f"paths.root={root}", *SMALL, "stages=[steer]", "concept=age",
                       f"steer.probes={probes.root}")
-    with pytest.raises(ValueError, match="made for concept 'gender'.*steers concept 'age'"):
+    with pytest.raises(UserError, match="made for concept 'gender'.*steers concept 'age'"):
         run(cfg, tmp_path / "run")
 
 
 def test_nan_alpha_fails_before_generating(localized, tmp_path):
     root, _ = localized
-    with pytest.raises(ValueError, match="steer.alpha must be a finite number, got nan"):
+    with pytest.raises(ConfigError, match="steer.alpha=nan must be a finite number"):
         run(make_config(f"paths.root={root}", *SMALL, "stages=[steer]", "steer.alpha=nan"),
             tmp_path / "run")
     assert not (tmp_path / "run" / "steer").exists()
 
 
-def test_context_pieces(localized):
+def test_the_saved_plan_replays_the_steered_images_bit_for_bit(localized):
     root, probes = localized
-    cfg = make_config(f"paths.root={root}", *SMALL)
-    ctx = RunContext(cfg, root / "ctx")
-    assert isinstance(probes.scores, pd.DataFrame)
-    assert ctx.concept.explicit_for("a photo of a person", "female") == "a photo of a woman"
+    result = steer_run(root, "replay")
+    plan = SteerPlan.load(result.steered_root / "plan.json")
+    assert plan.method == "icm" and plan.layers == result.plan.layers
+    assert plan.probe_set == probes.meta["provenance"]["fingerprint"]
+    for saved, made in zip(plan.edits, result.plan.edits, strict=True):
+        assert torch.equal(saved.directions, made.directions)
+    images = regenerate(plan)
+    for index, image in enumerate(images):
+        original = Image.open(result.steered_root / "images" / f"{index:06d}.png")
+        assert np.array_equal(np.asarray(image), np.asarray(original)), index

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+
 from icm_lab.errors import ModelUnavailable, choices_error
 from icm_lab.models.loading import resolve_device
 

@@ -1,13 +1,3 @@
-"""The stages a run can chain, in the order of the data flow. `stages=[...]` picks among them."""
-
-from icm_lab.stages.collect import collect
-from icm_lab.stages.evaluate import evaluate
-from icm_lab.stages.localize import localize
-from icm_lab.stages.steer import steer
-
-STAGES = {
-    "collect": collect,
-    "localize": localize,
-    "steer": steer,
-    "evaluate": evaluate,
-}
+"""The stages, in the order of the data flow: collect, localize, steer, evaluate. Each is a
+function of the shared resources, its own config section and its upstream results; the runner
+(`icm_lab/runner.py`) owns the graph."""

@@ -20,16 +20,15 @@ import numpy as np
 
 from icm_lab.concepts import Concept
 from icm_lab.config import compose_config
-from icm_lab.generation import generate_all
 from icm_lab.labeler import ClipLabeler
-from icm_lab.runner import RunContext
+from icm_lab.resources import Resources
 from icm_lab.toy import world
 
 BARS = {"explicit_accuracy": 0.95, "implicit_max_gap_points": 10.0, "clip_agreement": 0.90}
 ATTRIBUTES = {"color": (world.COLORS, world.COLOR_PRIOR), "size": (world.SIZES, world.SIZE_PRIOR)}
 
 
-def measure(ctx: RunContext, per_prompt: int, seed: int = 0) -> dict:
+def measure(res: Resources, per_prompt: int, seed: int = 0) -> dict:
     """Every bar for colour and size, from `per_prompt` images of each prompt."""
     report: dict = {}
     for attribute, (values, prior) in ATTRIBUTES.items():
@@ -38,7 +37,7 @@ def measure(ctx: RunContext, per_prompt: int, seed: int = 0) -> dict:
         implicit = [(world.caption(shape), shape) for shape in world.SHAPES]
         prompts = [p for p, _ in explicit + implicit for _ in range(per_prompt)]
         seeds = [seed + i for i in range(len(prompts))]
-        images = generate_all(ctx, prompts, seeds, desc=f"toy quality: {attribute}")
+        images = res.generator.all(prompts, seeds, desc=f"toy quality: {attribute}")
         read = np.array([getattr(world.oracle(image), attribute) for image in images])
         by_prompt = read.reshape(-1, per_prompt)
 
@@ -49,7 +48,7 @@ def measure(ctx: RunContext, per_prompt: int, seed: int = 0) -> dict:
         gap = max(abs(shares[s][v] - prior[s][v]) for s in shares for v in values) * 100
 
         cfg = compose_config([f"concept={attribute}"]).concept
-        clip_labels = ClipLabeler(ctx.clip, Concept.from_config(cfg), 0.0)(images).labels
+        clip_labels = ClipLabeler(Concept.from_config(cfg), res.clip, 0.0)(images).labels
         agreement = float(np.mean([c == o for c, o in zip(clip_labels, read, strict=True)]))
         report[attribute] = {
             "explicit_accuracy": accuracy, "implicit_max_gap_points": gap,
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.guidance=3")
     args = parser.parse_args(argv)
     cfg = compose_config(["model=toy", *args.overrides])
-    report = measure(RunContext(cfg, args.out.parent), args.per_prompt)
+    report = measure(Resources(cfg, args.out.parent), args.per_prompt)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'':8} {'explicit':>9} {'implicit gap':>13} {'clip agrees':>12}")
     for attribute in ATTRIBUTES:
