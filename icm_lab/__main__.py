@@ -61,6 +61,8 @@ def error_line(error: Exception) -> str:
         bad = Path(error.missing_cfg_file or "").name
         options = [o for o in error.options if "/" not in o]
         return f"{group}={bad!r} is not valid; choose one of {options}"
+    if isinstance(error, HydraException) and isinstance(error.__cause__, OmegaConfBaseException):
+        error = error.__cause__  # "Error merging override ...": the value's own complaint
     if isinstance(error, OmegaConfBaseException):
         key = getattr(error, "full_key", None)
         message = getattr(error, "msg", str(error)).splitlines()[0]

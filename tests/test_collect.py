@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from icm_lab.artefacts import ArtefactMismatchError, Provenance
+from icm_lab.errors import ConfigError
 from icm_lab.runner import run
-from icm_lab.stages.collect import sample_plan
+from icm_lab.sampling import sample_plan
 from icm_lab.store import ActivationStore
 from tests.conftest import make_config
 
@@ -108,32 +108,9 @@ def test_killed_collection_resumes_to_an_identical_store(tmp_path):
     pd.testing.assert_frame_equal(resumed.samples[columns], reference.samples)
 
 
-@pytest.mark.parametrize("n", [0, -3])
-def test_nonpositive_n_images_is_refused(n, tmp_path):
-    with pytest.raises(ValueError, match=f"collect.n_images must be a positive integer, got {n}"):
-        run_collect(tmp_path, f"collect.n_images={n}")
-    with pytest.raises(ValueError, match="positive integer"):
+def test_sample_plan_refuses_a_non_integer_count():
+    with pytest.raises(ConfigError, match="collect.n_images=2.5 must be a positive integer"):
         sample_plan(("a",), 2.5, 0)
-
-
-def test_unknown_stage_lists_the_available_ones(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown stage\(s\) \['localise'\].*localize"):
-        run_collect(tmp_path, "stages=[collect,localise]")
-
-
-@pytest.mark.parametrize("group,value", [("model", "sd14"), ("concept", "hair_colour")])
-def test_unknown_model_or_concept_lists_the_valid_ones(group, value):
-    with pytest.raises((MissingConfigException, ConfigCompositionException)) as error:
-        make_config(f"{group}={value}")
-    message = str(error.value)
-    assert value in message
-    expected = ["sd15", "tiny_sd15", "sdxl", "sana"] if group == "model" else ["gender", "age"]
-    assert all(option in message for option in expected)
-
-
-def test_unknown_recorded_layer_is_refused(tmp_path):
-    with pytest.raises(KeyError, match="unknown layer 'mid_blok'.*Did you mean"):
-        run_collect(tmp_path, "collect.record=[mid_blok]")
 
 
 def test_sample_plan_is_independent_of_n():

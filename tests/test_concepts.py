@@ -68,7 +68,7 @@ def test_labeler_scores_a_class_by_its_best_text():
     text[n_male - 1] = torch.tensor([0.0, 1.0, 0.0])  # ...except one, at y
     text[n_male:, 2] = 1  # female texts point at z
     image = torch.tensor([[0.0, 0.9, 0.1], [0.1, 0.0, 0.9], [0.5, 0.0, 0.5]])
-    labels = ClipLabeler(FakeClip(text, image), concept, min_confidence=0.6)(
+    labels = ClipLabeler(concept, FakeClip(text, image), min_confidence=0.6)(
         _images(3)
     )
     expected_scores = np.array([[0.9, 0.1], [0.1, 0.9], [0.5, 0.5]])
@@ -80,6 +80,6 @@ def test_labeler_scores_a_class_by_its_best_text():
 def test_labeler_refuses_zero_images():
     concept = Concept.from_config(make_config("concept=gender").concept)
     n = sum(len(t) for t in concept.classifier_texts.values())
-    labeler = ClipLabeler(FakeClip(torch.eye(n, 3), torch.eye(3)), concept, 0.5)
+    labeler = ClipLabeler(concept, FakeClip(torch.eye(n, 3), torch.eye(3)), 0.5)
     with pytest.raises(ValueError, match="zero images"):
         labeler([])

@@ -5,6 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hydra.utils import instantiate
+from PIL import Image
 
 from icm_lab.metrics import (
     ClipImageFeatures,
@@ -13,7 +15,6 @@ from icm_lab.metrics import (
     fairness_by_prompt,
     fid_kid,
 )
-from icm_lab.models.clip import load_clip
 from icm_lab.runner import run
 from tests.conftest import make_config
 
@@ -57,12 +58,10 @@ def test_fairness_is_averaged_over_prompts():
 
 @pytest.fixture(scope="module")
 def tiny_clip():
-    return load_clip(make_config().clip)
+    return instantiate(make_config().clip)()
 
 
 def test_clip_i_is_one_for_identical_images(tiny_clip):
-    from PIL import Image
-
     images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), np.uint8))
               for i in range(3)]
     features = tiny_clip.encode_images(images)
@@ -88,8 +87,13 @@ def test_metrics_json_schema_and_method_none_is_neutral(tmp_path):
                       "eval.n_images_per_prompt=3", "method=none")
     run(cfg, tmp_path / "run")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    for key in ("model", "concept", "method", "layers", "alpha", "classifier"):
+    for key in ("model", "concept", "method", "layers", "alpha", "steps", "direction",
+                "classifier"):
         assert key in metrics
+    # method=none adds no vector: no strength, window or direction is claimed for it.
+    assert metrics["method"] == "none" and metrics["layers"] == []
+    assert metrics["alpha"] is None and metrics["steps"] is None
+    assert metrics["classifier"]["name"] == "clip"
     for side in ("base", "steered"):
         for key in ("fd", "fd_soft", "kl", "deviation", "clip_t", "n_images", "n_undecided"):
             assert key in metrics[side], (side, key)
@@ -105,9 +109,7 @@ def test_metrics_json_schema_and_method_none_is_neutral(tmp_path):
     assert (tmp_path / "run" / "evaluate" / "distribution.png").exists()
 
 
-def test_reference_folder_and_bad_feature_name(tmp_path):
-    from PIL import Image
-
+def test_reference_folder(tmp_path):
     reference = tmp_path / "reference"
     reference.mkdir()
     for i in range(6):
@@ -116,5 +118,3 @@ def test_reference_folder_and_bad_feature_name(tmp_path):
     cfg = make_config(f"paths.root={tmp_path}", *base, f"eval.reference_dir={reference}")
     metrics = run(cfg, tmp_path / "run")["evaluate"]
     assert "fid_reference" in metrics["steered"] and "kid_reference" in metrics["steered"]
-    with pytest.raises(ValueError, match="unknown eval.features 'vgg'"):
-        run(make_config(f"paths.root={tmp_path}", *base, "eval.features=vgg"), tmp_path / "r2")

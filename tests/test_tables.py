@@ -17,7 +17,7 @@ def write_run(directory, method, alpha, fd, clip_i, layers=("mid_block",)):
 
 def test_tables_from_synthetic_run_directories(tmp_path):
     root = tmp_path / "outputs"
-    write_run(root / "runs" / "a" / "2026-01-01", "none", 15.0, 0.5, 1.0, layers=())
+    write_run(root / "runs" / "a" / "2026-01-01", "none", None, 0.5, 1.0, layers=())
     for job, (alpha, fd, clip_i) in enumerate([(5.0, 0.3, 0.9), (15.0, 0.1, 0.8)]):
         write_run(root / "multirun" / "sweep" / str(job), "icm", alpha, fd, clip_i)
     write_run(root / "multirun" / "sweep2" / "0", "icm", 15.0, 0.2, 0.7)  # a second seed
@@ -38,8 +38,8 @@ def test_tables_from_synthetic_run_directories(tmp_path):
                          "CLIP-T↑", "CLIP-I↑", "runs"]
     assert ["tiny_sd15", "gender", "icm", "15.000", "0.150", "0.075", "10.000", "0.010",
             "0.600", "0.750", "2"] in debias  # the mean of two runs
-    assert ["tiny_sd15", "gender", "none", "15.000", "0.500", "0.250", "10.000", "0.010",
-            "0.600", "1.000", "1"] in debias
+    assert ["tiny_sd15", "gender", "none", "nan", "0.500", "0.250", "10.000", "0.010",
+            "0.600", "1.000", "1"] in debias  # no strength for a method that adds no vector
     localization = markdown_rows(tmp_path / "tables" / "localization.md")
     assert ["tiny_sd15", "gender", "logreg", "f1", "attn1", "0.900", "0.750",
             "mid.a0.t0 (0.75)"] in localization

@@ -4,14 +4,16 @@ shipped model (docs/toy_world.md)."""
 import numpy as np
 import pytest
 import torch
-from conftest import make_config
 from safetensors.torch import load_file
 
 from icm_lab.concepts import Concept
-from icm_lab.models.loading import load_pipeline
+from icm_lab.resources import Resources
 from icm_lab.runner import run
 from icm_lab.toy import world
+from icm_lab.toy.quality import measure
 from icm_lab.toy.train import Settings, train
+from icm_lab.validation import build
+from tests.conftest import make_config
 
 
 def test_world_is_seeded_and_unnamed_attributes_follow_the_biased_prior():
@@ -62,7 +64,7 @@ def test_training_is_deterministic_and_loads_through_from_pretrained(tmp_path):
     assert all((a[k] == b[k]).all() for k in a)
     assert reports[0]["final_loss"] == reports[1]["final_loss"]
     cfg = make_config("model=toy", f"model.pretrained={tmp_path / 'a' / 'pipeline'}").model
-    pipe = load_pipeline(cfg)
+    pipe = build(cfg, "model").load()
     assert type(pipe).__name__ == "StableDiffusionPipeline" and pipe.vae_scale_factor == 4
 
 
@@ -95,9 +97,6 @@ def test_random_directions_of_the_same_strength_do_not(science):
 
 
 def test_explicit_prompts_keep_their_named_colour(tmp_path):
-    from icm_lab.runner import RunContext
-    from icm_lab.toy.quality import measure
-
-    report = measure(RunContext(make_config("model=toy"), tmp_path), per_prompt=8)
+    report = measure(Resources(make_config("model=toy"), tmp_path), per_prompt=8)
     for attribute in ("color", "size"):
         assert report[attribute]["explicit_accuracy"] >= 0.95, report[attribute]

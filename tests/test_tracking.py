@@ -32,16 +32,18 @@ def test_logger_none_writes_no_wandb_files(tmp_path):
 
 def test_each_multirun_job_is_a_wandb_run_in_the_sweep_group_finished_with_its_exit_code(
         tmp_path):
-    """Job 0 succeeds; job 1 has a NaN alpha and fails: its run is still finished, exit code 1."""
+    """Job 0 succeeds; job 1 labels every image undecided (min_confidence 1), so localize fails
+    after the run started: its W&B run is still finished, with exit code 1."""
     sweep = tmp_path / "sweep"
     result = subprocess.run(
         [sys.executable, "-m", "icm_lab", "-m", "model=tiny_sd15", "concept=gender",
-         "logger=wandb", "steer.alpha=5,nan", "collect.n_images=30", "model.steps=4",
+         "logger=wandb", "labeler.min_confidence=0.5,1.0", "collect.n_images=30",
+         "model.steps=4",
          "eval.n_images_per_prompt=2", "stages=[collect,localize,steer]",
          f"paths.root={tmp_path}", f"hydra.sweep.dir={sweep}"],
         cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600,
         env={**os.environ, "WANDB_MODE": "offline"})
-    assert result.returncode != 0 and "steer.alpha must be a finite number" in result.stderr
+    assert result.returncode != 0 and "localize needs at least 2 decided images" in result.stderr
     runs = {}
     for job in ("0", "1"):
         (run_file,) = (sweep / job / "wandb").glob("offline-run-*/run-*.wandb")

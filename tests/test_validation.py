@@ -1,0 +1,89 @@
+"""Fail fast: every user-facing value is refused when the config is composed, in one line that
+names the key, the bad value and the valid choices, before anything is loaded or written."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from icm_lab.__main__ import check_overrides
+from tests.conftest import TEST_DEFAULTS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+REFUSED = [  # (overrides, what the one line must say)
+    (["model=sd14"], "model='sd14' is not valid; choose one of ["),
+    (["concept=hair_colour"], "concept='hair_colour' is not valid; choose one of ["),
+    (["method=icmm"], "method='icmm' is not valid; choose one of ["),
+    (["probe=svm"], "probe='svm' is not valid; choose one of ["),
+    (["labeler=dlib"], "labeler='dlib' is not valid; choose one of ["),
+    (["stages=[collect,localise]"], "stages=['collect', 'localise'] is not valid; choose one"),
+    (["stages=[]"], "stages=[] is not valid"),
+    (["layers.select=[up_blocks.7.attn1]"], "unknown layer 'up_blocks.7.attn1'"),
+    (["collect.record=[mid_blok]"], "unknown layer 'mid_blok'. Did you mean ['mid_block']"),
+    (["collect.n_images=0"], "collect.n_images=0 must be an integer >= 1"),
+    (["collect.n_images=-3"], "collect.n_images=-3 must be an integer >= 1"),
+    (["collect.n_images=2.5"], "collect.n_images: Value '2.5' of type 'float' could not be "
+                               "converted to Integer"),
+    (["collect.n_images=many"], "collect.n_images: Value 'many'"),
+    (["steer.alpha=nan"], "steer.alpha=nan must be a finite number"),
+    (["steer.alpha=inf"], "steer.alpha=inf must be a finite number"),
+    (["steer.start=1.5"], "steer.start=1.5 must be a number in [0.0, 1.0]"),
+    (["steer.start=-0.1"], "steer.start=-0.1 must be a number in [0.0, 1.0]"),
+    (["steer.end=1.2"], "steer.end=1.2 must be a number in [0.0, 1.0]"),
+    (["steer.start=0.6", "steer.end=0.4"], "steer.start=0.6 must be below steer.end=0.4"),
+    (["eval.features=vgg"], "eval.features='vgg' is not valid; choose one of ['clip', "
+                            "'inception']"),
+    (["steer.policy=some"], "steer.policy='some' is not valid; choose one of ['all', "
+                            "'minimal']"),
+    (["steer.direction=pca"], "steer.direction='pca' is not valid; choose one of ['probe', "
+                              "'mean_diff']"),
+    (["probe.C=0"], "probe.C=0 must be a positive number"),
+    (["labeler.min_confidence=2"], "labeler.min_confidence must be in [0, 1], got 2"),
+    (["method=attn2", "layers.select=[mid_block]"], "has no cross-attention partner"),
+    (["objective.metric=speed"], "objective.metric='speed' is not valid"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", REFUSED,
+                         ids=lambda value: " ".join(value) if isinstance(value, list) else "")
+def test_bad_values_are_refused_in_one_line(overrides, message, tmp_path, capsys):
+    defaults = [f"{k}={v}" for k, v in TEST_DEFAULTS.items()
+                if not any(o.startswith(f"{k}=") for o in overrides)]
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_:
+        check_overrides([*defaults, f"paths.root={tmp_path}", *overrides])
+    assert time.perf_counter() - start < 5  # seconds, not a collection
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("icm_lab: error: "), err
+    assert message in err, err
+    assert list(tmp_path.iterdir()) == []  # nothing written: no artefact folder, no lock
+
+
+def test_a_valid_config_passes(tmp_path):
+    check_overrides([f"paths.root={tmp_path}"])  # the default: the toy world
+    check_overrides(["model=tiny_sana", "concept=gender", "layers=all_attn2", "method=attn2"])
+
+
+def test_the_command_line_refuses_in_one_line_and_writes_nothing(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "icm_lab", "steer.alpha=nan", f"paths.root={tmp_path}",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("icm_lab: error: steer.alpha=nan must be a finite number")
+    assert "Traceback" not in result.stdout + result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_traceback_stays_available(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "icm_lab", "layers.select=[nope]", f"paths.root={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "UnknownLayerError" in result.stderr
