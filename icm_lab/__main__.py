@@ -91,9 +91,10 @@ def check_overrides(argv: list[str]) -> None:
 
 def layers_command(overrides: list[str]) -> None:
     """Print the hook points (name, kind, width, resolution) of `model=...`."""
-    cfg = compose_config(overrides)
-    spec = build(cfg.model, "model")
-    table = layer_registry(spec.load(), spec.resolution).table()
+    spec = build(compose_config(overrides).model, "model")
+    found = spec.registry_without_weights()  # seconds, and no weights needed
+    registry = found[0] if found else layer_registry(spec.load(), spec.resolution)
+    table = registry.table()
     print(f"{spec.name}: {len(table)} hook points at {spec.resolution} px "
           f"({table.kind.value_counts().to_dict()})")
     print(table.to_string(index=False))
@@ -104,7 +105,7 @@ def main() -> None:
     if args[:1] == ["layers"]:
         _one_line_errors(lambda: layers_command(args[1:]))
     elif args[:1] == ["replay"]:
-        _one_line_errors(lambda: replay(args[1:]))
+        sys.exit(_one_line_errors(lambda: replay(args[1:])))
     else:
         check_overrides(args)
         run_app()

@@ -15,10 +15,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from icm_lab.errors import UserError
+
 SCHEMA_VERSION = 2  # bump when an artefact layout changes, so old artefacts are not reused
 
 
-class ArtefactMismatchError(RuntimeError):
+class ArtefactMismatchError(UserError, RuntimeError):
     pass
 
 

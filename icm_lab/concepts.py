@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from omegaconf import DictConfig
 
+from icm_lab.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Concept:
@@ -29,9 +31,9 @@ class Concept:
         "a photo of a woman"; a word with a slot modifies the subject: "red {}" turns "a small
         circle" into "a small red circle"."""
         if class_name not in self.classes:
-            raise ValueError(f"unknown class {class_name!r}; valid: {list(self.classes)}")
+            raise ConfigError(f"unknown class {class_name!r}; valid: {list(self.classes)}")
         if neutral_prompt not in self.source_of:
-            raise ValueError(f"{neutral_prompt!r} is not a neutral prompt of {self.name!r}")
+            raise ConfigError(f"{neutral_prompt!r} is not a neutral prompt of {self.name!r}")
         template, subject = self.source_of[neutral_prompt]
         return template.format(_name(self.class_words[class_name][0], subject))
 
@@ -39,13 +41,13 @@ class Concept:
     def from_config(cls, cfg: DictConfig) -> Concept:
         names = tuple(cfg.classes)
         if len(names) < 2:
-            raise ValueError(f"concept {cfg.name!r} needs at least 2 classes, got {list(names)}")
+            raise ConfigError(f"concept {cfg.name!r} needs at least 2 classes, got {list(names)}")
         templates = list(cfg.templates)
         words = {k: tuple(cfg.classes[k].words) for k in names}
         texts = {k: tuple(cfg.classes[k].texts) for k in names}
         empty = [k for k in names if not texts[k] or not words[k]]
         if empty:
-            raise ValueError(f"concept {cfg.name!r}: classes {empty} need `words` and `texts`")
+            raise ConfigError(f"concept {cfg.name!r}: classes {empty} need `words` and `texts`")
         subjects = list(cfg.subjects)
         return cls(
             name=cfg.name,
@@ -76,7 +78,7 @@ def _target(values: object, classes: tuple[str, ...], concept: str) -> np.ndarra
         return np.full(len(classes), 1.0 / len(classes))
     target = np.asarray(list(values), dtype=float)
     if target.shape != (len(classes),) or (target < 0).any() or not np.isclose(target.sum(), 1):
-        raise ValueError(
+        raise ConfigError(
             f"concept {concept!r}: target {list(values)} must be {len(classes)} non-negative "
             f"shares summing to 1, one per class {list(classes)}"
         )

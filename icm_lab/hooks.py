@@ -7,7 +7,7 @@ denoiser more than once per step. The same pre-hook reads `pipe.do_classifier_fr
 know whether the batch is CFG-doubled, `[uncond | cond]` in diffusers, and so which rows are the
 conditional half. The argument names and the half order come from the model's adapter.
 
-    with DenoiserHooks(pipe, record=names, interventions=[AddVector(...)]) as hooks:
+    with DenoiserHooks(pipe, registry, record=names, interventions=[AddVector(...)]) as hooks:
         images = pipe(prompts, ...).images
     activations = hooks.recording()   # {layer: float16 array [batch, steps, width]}
 

@@ -29,6 +29,7 @@ def regenerate(plan: SteerPlan) -> list[Image.Image]:
 
 
 def replay(argv: list[str]) -> int:
+    """Exit status: 0 if every image matches the run's (or the run kept none), else 1."""
     parser = argparse.ArgumentParser(prog="python -m icm_lab replay", description=__doc__)
     parser.add_argument("plan", type=Path)
     parser.add_argument("--out", type=Path, default=None)
@@ -37,12 +38,15 @@ def replay(argv: list[str]) -> int:
     out = args.out or args.plan.parent / "replay"
     out.mkdir(parents=True, exist_ok=True)
     images = regenerate(plan)
+    originals = args.plan.parent / "images"
     same = 0
     for index, image in enumerate(images):
         image.save(out / f"{index:06d}.png")
-        original = args.plan.parent / "images" / f"{index:06d}.png"
+        original = originals / f"{index:06d}.png"
         same += original.exists() and np.array_equal(np.asarray(image),
                                                       np.asarray(Image.open(original)))
-    print(f"replay: {len(images)} images in {out}; {same} identical to the run's "
-          f"{args.plan.parent / 'images'}")
-    return same
+    if not originals.is_dir():  # method=none keeps no steered images of its own
+        print(f"replay: {len(images)} images in {out}; the run kept none to compare with")
+        return 0
+    print(f"replay: {len(images)} images in {out}; {same} of them identical to {originals}")
+    return 0 if same == len(images) else 1

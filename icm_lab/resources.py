@@ -1,6 +1,7 @@
 """What the stages of a run share: the model, its layer registry and generator, the concept, the
-CLIP, the labeler, the tracker and the artefact cache. Each is built from its config group on
-first use (`_target_` + `hydra.utils.instantiate`), so a stage that is skipped loads nothing.
+CLIP, the labeler, the tracker and the artefact cache. The components are built from their
+config groups (`_target_` + `hydra.utils.instantiate`); everything that loads weights is built on
+first use, so a stage that is skipped loads nothing.
 
 Stages import this module; the runner builds it; it imports no stage.
 """

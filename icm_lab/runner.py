@@ -4,8 +4,8 @@
 
 A stage is a function of the shared resources (`Resources`), its own config section (a checked
 dataclass from `schema.py`) and the results of the stages it needs; it returns a typed result.
-Only this module reads the whole config. A stage that is asked for runs its inputs first; each
-reuses its artefact on disk when one with the same fingerprint exists.
+No stage reads the config: this module hands each its section. A stage that is asked for runs
+its inputs first; each reuses its artefact on disk when one with the same fingerprint exists.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Run:
         if stage == "localize":
             return ("collect",)
         if stage == "steer":
-            external = self.cfg.steer.probes
+            external = self.cfg.steer.probes  # another run's probe set replaces localize's
             return ("localize",) if self.method.uses_probes and not external else ()
         if stage == "evaluate":
             return ("steer",)
@@ -83,10 +83,11 @@ class Run:
                         self.results["collect"], self.selection, self.cfg.seed)
 
     def _steer(self):
-        localization = self.results.get("localize")
-        if self.method.uses_probes and localization is None:  # steer.probes: another run's
-            localization = load_localization(self.res, Path(self.cfg.steer.probes),
-                                             self.selection)
+        localization = None
+        if self.method.uses_probes:
+            external = self.cfg.steer.probes
+            localization = load_localization(self.res, Path(external), self.selection) \
+                if external else self.results["localize"]
         return steer(self.res, section(self.cfg, "steer"), self.method,
                      self.cfg.eval.n_images_per_prompt, self.cfg.seed, localization)
 

@@ -5,7 +5,7 @@ Types are checked when the config is composed (`collect.n_images=abc` is refused
 ranges and allowed values when a section becomes its dataclass (`section(cfg, "steer")`), which
 the validation pass does before anything is loaded or written. Sections that are components
 (`model`, `method`, `probe`, `labeler`, `clip`, `logger`) are checked by their own classes when
-instantiated.
+instantiated, and `concept` by `Concept.from_config`.
 """
 
 from __future__ import annotations
@@ -122,10 +122,18 @@ class LayersConfig:
         _count("layers.k", self.k)
 
 
+OBJECTIVE_METRICS = ("fd", "fd_soft", "kl", "deviation", "clip_t", "clip_i", "fid", "kid")
+
+
 @dataclass
 class ObjectiveConfig:
-    metric: str = "fd"
+    metric: str = "fd"  # the steered metric an optimising sweeper minimises
     clip_i_floor: float | None = None
+
+    def __post_init__(self) -> None:
+        _choice("objective.metric", self.metric, OBJECTIVE_METRICS)
+        if self.clip_i_floor is not None:
+            _fraction("objective.clip_i_floor", self.clip_i_floor, 0.0, 1.0)
 
 
 @dataclass

@@ -26,10 +26,11 @@ import pandas as pd
 from safetensors.numpy import load_file, save_file
 
 from icm_lab.artefacts import Provenance, artefact_lock, read_json, write_json_atomic
+from icm_lab.errors import UserError
 from icm_lab.models.layers import LayerInfo
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     pass
 
 

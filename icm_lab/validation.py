@@ -27,8 +27,6 @@ from icm_lab.models.loading import ModelSpec
 from icm_lab.probeset import ProbeSet
 from icm_lab.schema import SECTIONS, STAGES, section
 
-OBJECTIVE_METRICS = ("fd", "fd_soft", "kl", "deviation", "clip_t", "clip_i", "fid", "kid")
-
 
 def build(node: DictConfig, key: str) -> Any:
     """`instantiate(node)`, with a refusal by the target's own checks passed on as is."""
@@ -54,14 +52,12 @@ def validate(cfg: DictConfig) -> None:
     if unknown or not cfg.stages:
         raise choices_error("stages", list(cfg.stages), STAGES)
     sections = {name: section(cfg, name) for name in SECTIONS}
-    if sections["objective"].metric not in OBJECTIVE_METRICS:
-        raise choices_error("objective.metric", sections["objective"].metric, OBJECTIVE_METRICS)
     model: ModelSpec = build(cfg.model, "model")
     method: SteeringMethod = build(cfg.method, "method")
     build(cfg.probe, "probe")
     concept = Concept.from_config(cfg.concept)
     _check_labeler(build(cfg.labeler, "labeler"), concept)
-    _check_clip(cfg.clip)
+    _check_clip(cfg.clip, build(cfg.clip, "clip"))
     _bind(build(cfg.logger, "logger"), "logger", run_dir=None, config={}, name="", group=None)
     _check_paths(sections)
     found = model.registry_without_weights()
@@ -75,7 +71,10 @@ def _check_labeler(make: partial, concept: Concept) -> None:
     make.func.check(concept, **make.keywords)
 
 
-def _check_clip(clip: DictConfig) -> None:
+def _check_clip(clip: DictConfig, make: partial) -> None:
+    _bind(make, "clip")
+    if not (isinstance(clip.batch_size, int) and clip.batch_size >= 1):
+        raise ConfigError(f"clip.batch_size={clip.batch_size!r} must be a positive integer")
     if clip.model not in open_clip.list_models():
         raise choices_error("clip.model", clip.model, open_clip.list_models())
     pretrained = clip.pretrained
@@ -100,9 +99,15 @@ def _check_layers(registry: LayerRegistry, adapter, sections: dict[str, Any],
     """Layer names in `layers=` and `collect.record` exist, and the method can steer them."""
     recorded = registry.resolve(sections["collect"].record)
     layers = sections["layers"]
-    if not isinstance(layers.select, list | tuple):
-        return  # a kind or auto: resolved from the registry itself
-    chosen = registry.select(list(layers.select))
+    explicit = isinstance(layers.select, list | tuple)
+    if not explicit and layers.select == "auto":  # ranked among the recorded layers of a kind
+        candidates = [layer for layer in recorded if layer.kind == layers.kind]
+        if method.uses_probes and not candidates and not sections["steer"].probes:
+            raise ConfigError(f"layers=auto ranks {layers.kind} layers, but collect.record="
+                              f"{list(sections['collect'].record)} records none; add "
+                              f"{layers.kind} or change layers.kind")
+        return
+    chosen = registry.select(list(layers.select) if explicit else layers.select)
     steered = method.layers(chosen, registry, adapter)
     missing = [layer.name for layer in steered if layer not in recorded]
     if method.uses_probes and missing and not sections["steer"].probes:

@@ -1,6 +1,7 @@
 """Tests run on the CPU, offline: nothing here may touch the network."""
 
 import os
+import struct
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -9,6 +10,7 @@ os.environ["WANDB_MODE"] = "offline"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from wandb.proto import wandb_internal_pb2  # noqa: E402
 
 from icm_lab.config import compose_config  # noqa: E402
 from icm_lab.models.adapters import layer_registry  # noqa: E402
@@ -47,10 +49,6 @@ def tiny():
 def wandb_records(run_file) -> list:
     """The protobuf records of an offline W&B run file (`run-*.wandb`): a LevelDB-style log of
     32 KiB blocks after a 7-byte header, each record chunked as FULL, or FIRST/MIDDLE/LAST."""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2
-
     data, block, pos, chunks, records = Path(run_file).read_bytes(), 32768, 7, b"", []
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # a block's tail too short for a header is padding

@@ -7,6 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from icm_lab.concepts import Concept
+from icm_lab.generation import Generator
+from icm_lab.hooks import SwapContext
+from icm_lab.models.adapters import adapter_for
 from icm_lab.resources import Resources
 from icm_lab.runner import run
 from icm_lab.toy import world
@@ -100,3 +103,22 @@ def test_explicit_prompts_keep_their_named_colour(tmp_path):
     report = measure(Resources(make_config("model=toy"), tmp_path), per_prompt=8)
     for attribute in ("color", "size"):
         assert report[attribute]["explicit_accuracy"] >= 0.95, report[attribute]
+
+
+def test_swapping_every_attn2_context_is_the_explicit_prompt(tiny):
+    """The explicit-swap hook, applied at every cross-attention layer, must turn "a circle" into
+    "a blue circle": the same images as the explicit prompt, bit for bit, and blue by the
+    oracle, where the neutral prompt gives mostly red."""
+    pipe, registry, spec = tiny("toy")
+    generator = Generator(pipe, registry, spec)
+    adapter = adapter_for(pipe)
+    neutral, explicit = ["a circle"] * 16, ["a blue circle"] * 16
+    seeds = list(range(16))
+    context = adapter.text_context(pipe, explicit, spec.pipeline_kwargs())
+    swaps = [SwapContext(name, context) for name in registry.names("attn2")]
+    swapped = generator.all(neutral, seeds, swaps)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+               zip(swapped, generator.all(explicit, seeds), strict=True))
+    blue = [world.oracle(image).color == "blue" for image in swapped]
+    base = [world.oracle(image).color == "blue" for image in generator.all(neutral, seeds)]
+    assert np.mean(blue) >= 0.9 and np.mean(base) <= 0.4, (np.mean(blue), np.mean(base))

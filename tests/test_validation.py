@@ -45,6 +45,12 @@ REFUSED = [  # (overrides, what the one line must say)
     (["labeler.min_confidence=2"], "labeler.min_confidence must be in [0, 1], got 2"),
     (["method=attn2", "layers.select=[mid_block]"], "has no cross-attention partner"),
     (["objective.metric=speed"], "objective.metric='speed' is not valid"),
+    (["objective.clip_i_floor=2"], "objective.clip_i_floor=2.0 must be a number in [0.0, 1.0]"),
+    (["collect.record=[attn2]"], "layers=auto ranks attn1 layers, but collect.record=['attn2'] "
+                                 "records none"),
+    (["concept.target=[0.7,0.7]"], "target [0.7, 0.7] must be 2 non-negative shares summing"),
+    (["clip.batch_size=0"], "clip.batch_size=0 must be a positive integer"),
+    (["+clip.colour=1"], "clip: got an unexpected keyword argument 'colour'"),
 ]
 
 
