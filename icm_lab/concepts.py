@@ -37,6 +37,10 @@ class Concept:
         template, subject = self.source_of[neutral_prompt]
         return template.format(_name(self.class_words[class_name][0], subject))
 
+    def word(self, class_name: str) -> str:
+        """The class's first word as a phrase of its own: "a woman"; "red {}" -> "red"."""
+        return " ".join(self.class_words[class_name][0].replace("{}", " ").split())
+
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Concept:
         names = tuple(cfg.classes)

@@ -152,6 +152,9 @@ def test_multiclass_targets_follow_the_configured_distribution(localized, tmp_pa
     assert (counts["white"] == 2).all() and (counts["black"] == 1).all()
     assert "indian" not in counts
     assert table["prompt"].str.contains(", ").sum() == 0  # the table keeps the original prompt
+    plan = SteerPlan.load(tmp_path / "race" / "steer" / "plan.json")
+    suffixes = (", a White person", ", a Black person", ", an East Asian person")
+    assert all(p.endswith(suffixes) for p in plan.prompts), plan.prompts[:4]
 
 
 def test_steps_before_the_window_are_untouched(localized, tiny):

@@ -51,6 +51,10 @@ def test_toy_concepts_name_the_attribute_in_the_worlds_word_order():
     assert (size.explicit_for("a drawing of a red square", "large")
             == "a drawing of a large red square")
     assert not any(s in p for p in size.neutral_prompts for s in world.SIZES)
+    # The prompt baseline appends the word alone, never its slot.
+    assert color.word("red") == "red" and size.word("large") == "large"
+    gender = Concept.from_config(make_config("concept=gender").concept)
+    assert gender.word("female") == "a woman"
 
 
 def test_training_is_deterministic_and_loads_through_from_pretrained(tmp_path):

@@ -122,7 +122,7 @@ def make_plan(res: Resources, cfg: SteerConfig, method: SteeringMethod, seed: in
                 raise ValueError(f"probes at {probes.root} have {directions.shape[0]} steps "
                                  f"but the model runs {n_steps}")
             edits.append(LayerEdit(layer.name, directions))
-    words = [concept.class_words[k][0] for k in concept.classes]
+    words = [concept.word(k) for k in concept.classes]
     prompts = [p if t == UNTOUCHED else method.prompt(p, words[t])
                for p, t in zip(plan["prompt"], targets, strict=True)]
     hooked = bool(edits)  # alpha and the window mean nothing to a method that adds no vector
