@@ -1,3 +1,4 @@
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -11,9 +12,10 @@ import pytest
 
 from icm_lab.artefacts import ArtefactMismatchError, Provenance
 from icm_lab.errors import ConfigError
+from icm_lab.models.layers import LayerInfo
 from icm_lab.runner import run
 from icm_lab.sampling import sample_plan
-from icm_lab.store import ActivationStore
+from icm_lab.store import ActivationStore, StoreError, StoreWriter, io_per_byte_stored
 from tests.conftest import make_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +77,7 @@ def test_store_from_another_model_is_refused(tmp_path):
         ActivationStore(store.root, expect=other)
 
 
+@pytest.mark.slow
 def test_killed_collection_resumes_to_an_identical_store(tmp_path):
     args = ["model=tiny_sd15", "concept=gender", *SMALL, "collect.n_images=16",
             "hydra.run.dir=" + str(tmp_path / "runs" / "x")]
@@ -82,17 +85,17 @@ def test_killed_collection_resumes_to_an_identical_store(tmp_path):
 
     killed = tmp_path / "killed"
     process = cli(*args, f"paths.root={killed}")
-    shards = None
+    batches = None
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
-        found = list(killed.glob("outputs/artefacts/collect/*/shards/0*"))
+        found = list(killed.glob("outputs/artefacts/collect/*/batches/0*.parquet"))
         if len(found) >= 2:
             process.send_signal(signal.SIGKILL)
-            shards = len(found)
+            batches = len(found)
             break
         time.sleep(0.01)
     process.wait()
-    assert shards is not None, "the run finished before it could be killed"
+    assert batches is not None, "the run finished before it could be killed"
     (root,) = [p for p in killed.glob("outputs/artefacts/collect/*") if p.is_dir()]
     assert not ActivationStore.is_complete(root)
 
@@ -118,3 +121,119 @@ def test_sample_plan_is_independent_of_n():
     pd.testing.assert_frame_equal(small, large.iloc[:4])
     assert list(large["prompt"][:4]) == ["a", "b", "c", "a"]
     assert not sample_plan(("a",), 4, seed=8)["seed"].equals(small["seed"])
+
+
+# The writer on synthetic batches: 4 batches of 3 samples, two layers.
+LAYERS = [LayerInfo(f"layer{i}", "attn1", width=8 * (i + 1), resolution=4, block="up")
+          for i in range(2)]
+PROVENANCE = Provenance("collect", "tiny_sd15", "gender", "synthetic")
+
+
+def batch(start: int, size: int = 3, steps: int = 5):
+    rng = np.random.default_rng(start)
+    activations = {layer.name: rng.normal(size=(size, steps, layer.width)).astype(np.float16)
+                   for layer in LAYERS}
+    samples = pd.DataFrame({"index": range(start, start + size), "label": "male"})
+    return activations, samples
+
+
+def write(root: Path, starts, **kwargs) -> StoreWriter:
+    writer = StoreWriter(root, PROVENANCE, LAYERS, n_total=12)
+    for start in starts:
+        writer.write_batch(start, *batch(start, **kwargs))
+    return writer
+
+
+def store_files(root: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted((root / "store").iterdir())}
+
+
+def test_a_killed_writer_resumes_to_the_identical_store(tmp_path):
+    reference = write(tmp_path / "reference", [0, 3, 6, 9]).finalize()
+    killed = tmp_path / "killed"
+    writer = write(killed, [0, 6])
+    # Killed between flushing batch 3's rows (garbage here) and writing its marker, and while
+    # writing a marker and a stamp: a batch without a marker is written again.
+    writer.write_batch(3, {k: v * 0 for k, v in batch(3)[0].items()}, batch(3)[1])
+    (killed / "batches" / "0000003-0000006.parquet").unlink()
+    for leftover in ["batches/.0000009-0000012.parquet.123.tmp", ".provenance.json.123.tmp"]:
+        (killed / leftover).write_text("half")
+    (killed / ".shard-0000000-0000003.123.tmp").mkdir()  # the previous layout's
+    with pytest.raises(StoreError, match=f"cannot finalize {killed}: batches cover 6 of 12"):
+        writer.finalize()
+
+    resumed = StoreWriter(killed, PROVENANCE, LAYERS, n_total=12)
+    assert resumed.done() == {*range(3), *range(6, 9)}
+    assert not list(killed.glob("**/.*.tmp")) and not list(killed.glob(".shard-*"))
+    for start in sorted({0, 3, 6, 9} - resumed.done()):
+        resumed.write_batch(start, *batch(start))
+    store = resumed.finalize()
+    assert store_files(store.root) == store_files(reference.root)  # byte for byte
+    assert sorted(p.name for p in killed.iterdir()) == ["provenance.json", "store"]
+    assert store.n_steps == 5 and len(store) == 12
+
+
+def test_finalize_reads_no_activation(tmp_path, monkeypatch):
+    writer = write(tmp_path, [0, 3, 6, 9])
+    opened = []
+    for module, name in [("builtins", "open"), ("io", "open"), ("os", "open")]:
+        original = getattr(__import__(module), name)
+
+        def spy(path, *args, _original=original, **kwargs):
+            opened.append(str(path))
+            return _original(path, *args, **kwargs)
+
+        monkeypatch.setattr(f"{module}.{name}", spy)
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("finalize called np.load"))
+    store = writer.finalize()
+    monkeypatch.undo()
+    assert any(path.endswith("meta.json") for path in opened)  # the spy sees the writes
+    assert not [path for path in opened if ".npy" in path]
+    for layer in LAYERS:
+        expected = np.concatenate([batch(s)[0][layer.name] for s in (0, 3, 6, 9)])
+        assert np.array_equal(store[layer.name], expected)
+
+
+def test_each_activation_byte_is_written_once(tmp_path):
+    layers = [LayerInfo(f"wide{i}", "attn1", 1024, resolution=4, block="up") for i in range(2)]
+    rng = np.random.default_rng(0)
+
+    def make_store() -> ActivationStore:
+        writer = StoreWriter(tmp_path, PROVENANCE, layers, n_total=256)
+        for start in range(0, 256, 64):
+            writer.write_batch(start, {layer.name: rng.normal(size=(64, 20, 1024)).astype(
+                np.float16) for layer in layers}, pd.DataFrame({"index": range(start, start + 64)}))
+        return writer.finalize()
+
+    io = io_per_byte_stored(make_store)
+    assert io["stored_bytes"] > 2 * 256 * 20 * 1024 * 2 and io["images"] == 0
+    if io["write_bytes"] == 0:
+        pytest.skip("this filesystem (tmpfs?) counts no writes in /proc/self/io")
+    assert 0.95 <= io["write_bytes"] <= 1.05
+
+
+def test_concurrent_writers_fill_one_store(tmp_path):
+    """Jobs writing at once into the same arrays, created once by whichever comes first."""
+    reference = write(tmp_path / "reference", [0, 3, 6, 9]).finalize()
+    shared = tmp_path / "shared"
+    jobs = [multiprocessing.get_context("fork").Process(target=write, args=(shared, starts))
+            for starts in ([0, 6], [3], [9])]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+        assert job.exitcode == 0
+    store = StoreWriter(shared, PROVENANCE, LAYERS, n_total=12).finalize()
+    assert store_files(store.root) == store_files(reference.root)
+
+
+def test_a_writer_refuses_a_mismatch(tmp_path):
+    write(tmp_path / "other", [0])
+    with pytest.raises(StoreError, match="cannot write .*other: layer layer0 of batch 3-6 has "
+                                         "shape \\(3, 4, 8\\), the store expects \\(3, 5, 8\\)"):
+        write(tmp_path / "other", [3], steps=4)
+    other = Provenance("collect", "tiny_sdxl", "gender", "synthetic")
+    with pytest.raises(ArtefactMismatchError, match="tiny_sd15.*tiny_sdxl"):
+        StoreWriter(tmp_path / "other", other, LAYERS, n_total=12)
+    with pytest.raises(StoreError, match=f"no complete activation store at {tmp_path / 'x'}"):
+        ActivationStore(tmp_path / "x")

@@ -13,7 +13,7 @@ from icm_lab.artefacts import Provenance, fingerprint
 from icm_lab.resources import Resources
 from icm_lab.sampling import labelled_table, sample_plan, save_images
 from icm_lab.schema import CollectConfig
-from icm_lab.store import ActivationStore, StoreWriter
+from icm_lab.store import ActivationStore, StoreWriter, tidy
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +38,20 @@ def collect_provenance(res: Resources, cfg: CollectConfig, seed: int) -> Provena
 def collect(res: Resources, cfg: CollectConfig, seed: int) -> ActivationStore | None:
     """The store. Unsharded, one job writes it (others wanting it wait on its lock). With
     `collect.num_shards=n`, job `collect.shard=i` writes batches i, i+n, ... into the same
-    store without a lock, and whichever job finds every batch on disk merges them; a store
-    merged from shards equals the unsharded one, since a sample depends only on (seed, index).
-    Returns None from a shard job while other shards are still missing."""
+    preallocated arrays without the lock, and whichever job finds every batch on disk marks the
+    store complete; a store merged from shards equals the unsharded one, since a sample depends
+    only on (seed, index). Returns None from a shard job while other batches are missing."""
     provenance = collect_provenance(res, cfg, seed)
     root = res.artefact_dir(provenance)
     collection = None
     if cfg.num_shards > 1 and not ActivationStore.is_complete(root):
-        # Disjoint batches, each renamed into place whole: no lock held while generating.
+        # Disjoint batches, each marked done once on disk: no lock held while generating.
         collection = ShardedCollection(res, cfg, seed, provenance, root)
         collection.write(cfg.shard, cfg.num_shards)
     with res.artefact(provenance) as root:
         if ActivationStore.is_complete(root):
             log.info("collect: reusing the complete store at %s", root)
+            tidy(root)  # leftovers of a job killed just after completing it
             return ActivationStore(root, expect=provenance)
         collection = collection or ShardedCollection(res, cfg, seed, provenance, root)
         if cfg.num_shards == 1:
@@ -93,5 +94,5 @@ class ShardedCollection:
                 list(rows["prompt"]), list(rows["seed"]),
                 record=[layer.name for layer in self.layers])
             paths = save_images(images, rows["index"], self.root / "images", self.root)
-            self.writer.write_shard(start, activations,
+            self.writer.write_batch(start, activations,
                                     labelled_table(rows, self.res.labeler(images), paths))
