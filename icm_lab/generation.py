@@ -1,52 +1,154 @@
 """Generating images from prompts and per-sample seeds, with optional hooks: the one place
-every stage generates."""
+every stage generates.
+
+A steered generation and the unsteered one of the same prompts and seeds agree up to the step
+where steering starts. `Prefix` caches the latents at that step, per batch, so every steering
+configuration of a sweep (each method, alpha, layer set with that start) and the base images
+compute the shared prefix once: a generation that passes through it unsteered writes it, one
+that finds it skips those denoiser calls and continues from the cached latents, bit for bit.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from icm_lab.artefacts import artefact_lock
 from icm_lab.hooks import DenoiserHooks, Intervention
 from icm_lab.models.layers import LayerRegistry
 from icm_lab.models.loading import ModelSpec
 
+log = logging.getLogger(__name__)
+
+# Schedulers whose step reads only (model output, timestep, latents, noise generator) and keeps
+# no past model outputs: the latents after step s then hold the whole state of a generation, and
+# skipped prefix steps still draw the same noise. Multistep, PNDM and Heun schedulers keep
+# history, so a prefix of theirs cannot be resumed from latents alone.
+STATELESS_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
+                        "EulerAncestralDiscreteScheduler", "FlowMatchEulerDiscreteScheduler")
+
+
+def prefix_refusal(pipeline: DiffusionPipeline) -> str | None:
+    """Why the pipeline's generations cannot continue from cached latents, or None if they can."""
+    name = type(pipeline.scheduler).__name__
+    if name in STATELESS_SCHEDULERS:
+        return None
+    return (f"{name} keeps state between steps (only {', '.join(STATELESS_SCHEDULERS)} do not), "
+            "so a cached prefix could not be resumed exactly; generating from scratch")
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """The latents after the first `step` steps of each batch of one plan (prompts and seeds),
+    cached in `root`, a content-addressed artefact (`Resources.prefix`)."""
+
+    root: Path
+    step: int
+
+    def path(self, start: int, stop: int) -> Path:
+        return self.root / f"{start:07d}-{stop:07d}.safetensors"
+
+    def load(self, start: int, stop: int) -> torch.Tensor | None:
+        path = self.path(start, stop)
+        return load_file(path)["latents"] if path.exists() else None
+
+    def save(self, start: int, stop: int, latents: torch.Tensor) -> None:
+        """Atomically, under the artefact's lock: concurrent jobs never see half a file."""
+        path = self.path(start, stop)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"latents": latents.detach().cpu().contiguous()}, tmp)
+        with artefact_lock(self.root):
+            os.replace(tmp, path)
+
+
+class _PrefixCallback:
+    """`callback_on_step_end` at the end of the prefix (loop index step - 1): keeps the latents
+    there, or replaces them with cached ones."""
+
+    def __init__(self, step: int, cached: torch.Tensor | None):
+        self.step, self.cached, self.latents = step, cached, None
+
+    def __call__(self, pipe: DiffusionPipeline, i: int, t: Any, kwargs: dict) -> dict:
+        if i != self.step - 1:
+            return {}
+        latents = kwargs["latents"]
+        if self.cached is None:
+            self.latents = latents.clone()
+            return {}
+        if self.cached.shape != latents.shape:
+            raise ValueError(f"cached prefix latents have shape {tuple(self.cached.shape)}, "
+                             f"the generation {tuple(latents.shape)}")
+        return {"latents": self.cached.to(latents.device, latents.dtype)}
+
 
 @dataclass
 class Generator:
-    """A loaded pipeline with its layer registry and generation settings."""
+    """A loaded pipeline with its layer registry and generation settings. `calls` counts the
+    denoiser calls that computed, for the run's report."""
 
     pipeline: DiffusionPipeline
     registry: LayerRegistry
     spec: ModelSpec
+    calls: int = field(default=0, init=False)
 
     def batch(self, prompts: Sequence[str], seeds: Sequence[int],
-              interventions: Sequence[Intervention] = (), record: Sequence[str] = ()
+              interventions: Sequence[Intervention] = (), record: Sequence[str] = (),
+              prefix: Prefix | None = None, first: int = 0,
               ) -> tuple[list[Image.Image], dict[str, np.ndarray]]:
         """One batch: the images and, if `record` names layers, their recorded activations.
-        Interventions hold one row per sample of this batch."""
+        Interventions hold one row per sample of this batch. With `prefix`, the batch (samples
+        `first`, `first + 1`, ... of the prefix's plan) continues from its cached latents, or
+        writes them while passing through the prefix."""
         # CPU generators make the initial noise identical on every device.
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        kwargs = self.spec.pipeline_kwargs()
+        stop = first + len(prompts)
+        cached = prefix.load(first, stop) if prefix else None
+        if prefix:
+            callback = _PrefixCallback(prefix.step, cached)
+            kwargs |= dict(callback_on_step_end=callback,
+                           callback_on_step_end_tensor_inputs=["latents"])
+        skip = prefix.step if cached is not None else 0
         with DenoiserHooks(self.pipeline, self.registry, record=record,
-                           interventions=interventions) as hooks:
+                           interventions=interventions, skip_before=skip) as hooks:
             images = self.pipeline(prompt=list(prompts), generator=generators,
-                                   output_type="pil", **self.spec.pipeline_kwargs()).images
+                                   output_type="pil", **kwargs).images
+        self.calls += hooks.calls
+        if prefix and cached is None:
+            prefix.save(first, stop, callback.latents)
         return images, (hooks.recording() if record else {})
 
     def all(self, prompts: Sequence[str], seeds: Sequence[int],
-            interventions: Sequence[Intervention] = (), desc: str = "generate"
-            ) -> list[Image.Image]:
-        """All samples, in batches of `model.batch_size`, with a progress bar."""
+            interventions: Sequence[Intervention] = (), desc: str = "generate",
+            prefix: Prefix | None = None) -> list[Image.Image]:
+        """All samples, in batches of `model.batch_size`, with a progress bar. With `prefix`,
+        each batch continues from its cached prefix, or writes it while passing through."""
+        if prefix is not None:
+            early = [i.layer for i in interventions if i.start < prefix.step]
+            if early:
+                raise ValueError(f"interventions on {early} start before the cached prefix "
+                                 f"ends (step {prefix.step})")
+            refusal = prefix_refusal(self.pipeline)
+            if refusal:
+                log.warning("prefix cache off: %s", refusal)
+                prefix = None
         size = self.spec.batch_size
         images: list[Image.Image] = []
         starts = range(0, len(prompts), size)
         for start in tqdm(starts, desc=desc, unit="batch", disable=len(starts) < 2):
             stop = start + size
             rows = [intervention.rows(start, stop) for intervention in interventions]
-            images += self.batch(prompts[start:stop], seeds[start:stop], rows)[0]
+            images += self.batch(prompts[start:stop], seeds[start:stop], rows,
+                                 prefix=prefix, first=start)[0]
         return images

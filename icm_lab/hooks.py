@@ -11,7 +11,10 @@ conditional half. The argument names and the half order come from the model's ad
         images = pipe(prompts, ...).images
     activations = hooks.recording()   # {layer: float16 array [batch, steps, width]}
 
-Hooks are removed when the block exits, on exceptions too.
+Hooks are removed when the block exits, on exceptions too. One more hook wraps the denoiser's
+forward (diffusers' `HookRegistry`): it counts the calls that compute (`hooks.calls`), and with
+`skip_before=s` answers the calls of steps before s with zeros at once, for a generation that
+continues from cached latents (`generation.Prefix`) which overwrite what those steps produced.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.hooks import HookRegistry, ModelHook
 
 from icm_lab.models.adapters import adapter_for
 from icm_lab.models.layers import LayerRegistry
@@ -147,6 +151,7 @@ class StepState:
     step: int = -1
     n_steps: int = 0
     batch: int = 0
+    sample: tuple[torch.Size, torch.dtype, torch.device] | None = None  # the latents' layout
     cfg: bool = False
     cond_last: bool = True  # CFG batch order: [uncond | cond] (diffusers) or [cond | uncond]
 
@@ -176,6 +181,7 @@ class DenoiserHooks:
         registry: LayerRegistry,
         record: Sequence[str] = (),
         interventions: Iterable[Intervention] = (),
+        skip_before: int = 0,
     ):
         self.pipe = pipe
         self.adapter = adapter_for(pipe)
@@ -185,6 +191,7 @@ class DenoiserHooks:
         for intervention in self.interventions:
             registry[intervention.layer]  # unknown layer: a clear error now, not mid-generation
         self.state = StepState(cond_last=self.adapter.cond_half_last)
+        self.gate = _DenoiserGate(self.state, skip_before, self.net.config)
         self._signature = inspect.signature(self.net.forward)
         self._timesteps: tuple[int, torch.Tensor] | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -203,11 +210,17 @@ class DenoiserHooks:
     def __exit__(self, *exc: Any) -> None:
         self._detach()
 
+    @property
+    def calls(self) -> int:
+        """Denoiser calls that computed (skipped prefix steps not counted)."""
+        return self.gate.calls
+
     def _attach(self) -> None:
         modules = dict(self.net.named_modules())
         self._handles.append(
             self.net.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True)
         )
+        HookRegistry.check_if_exists_or_initialize(self.net).register_hook(self.gate, GATE)
         # Interventions first, so a layer that is both steered and recorded records its output
         # after steering.
         for intervention in self.interventions:
@@ -223,6 +236,9 @@ class DenoiserHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        registry = getattr(self.net, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(GATE) is not None:
+            registry.remove_hook(GATE, recurse=False)
 
     # -- step tracking ---------------------------------------------------------------------
     def _on_denoiser_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -231,6 +247,7 @@ class DenoiserHooks:
         sample = bound[self.adapter.sample_arg]
         self.state.step, self.state.n_steps = self._step_index(timestep)
         self.state.batch = sample.shape[0]
+        self.state.sample = (sample.shape, sample.dtype, sample.device)
         self.state.cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
 
     def _step_index(self, timestep: torch.Tensor | float) -> tuple[int, int]:
@@ -282,6 +299,31 @@ class DenoiserHooks:
             layer.name: stacked[:, :, widths[i] : widths[i + 1]]
             for i, layer in enumerate(self.record_layers)
         }
+
+
+GATE = "icm_lab.denoiser_gate"
+
+
+class _DenoiserGate(ModelHook):
+    """Counts the denoiser's computing calls; answers those of steps before `skip_before` with
+    zeros, without computing. Runs after the step-tracking pre-hook, so the step is known."""
+
+    def __init__(self, state: StepState, skip_before: int, config: Any):
+        super().__init__()
+        self.state, self.skip_before = state, skip_before
+        self.out_channels = getattr(config, "out_channels", None)
+        self.calls = 0
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.state.step >= self.skip_before:
+            self.calls += 1
+            return self.fn_ref.original_forward(*args, **kwargs)
+        if kwargs.get("return_dict", True):
+            raise RuntimeError("a skipped denoiser call must be made with return_dict=False, "
+                               "as diffusers pipelines make it")
+        shape, dtype, device = self.state.sample
+        channels = self.out_channels or shape[1]
+        return (torch.zeros((shape[0], channels, *shape[2:]), dtype=dtype, device=device),)
 
 
 class _AddHook:

@@ -8,7 +8,7 @@ Stages import this module; the runner builds it; it imports no stage.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
@@ -20,9 +20,9 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from icm_lab.artefacts import Provenance, artefact_lock
+from icm_lab.artefacts import Provenance, artefact_lock, fingerprint
 from icm_lab.concepts import Concept
-from icm_lab.generation import Generator
+from icm_lab.generation import Generator, Prefix
 from icm_lab.labeler import Labeler
 from icm_lab.models.adapters import ModelAdapter, adapter_for, layer_registry
 from icm_lab.models.clip import Clip
@@ -62,6 +62,21 @@ class Resources:
     @cached_property
     def generator(self) -> Generator:
         return Generator(self.pipeline, self.registry, self.model)
+
+    def denoiser_calls(self) -> int:
+        """Denoiser calls this run has computed so far (none before the model loads)."""
+        return self.generator.calls if "generator" in self.__dict__ else 0
+
+    def prefix(self, prompts: Sequence[str], seeds: Sequence[int], step: int | None
+               ) -> Prefix | None:
+        """The cache of the first `step` unsteered steps of these samples, shared by every run
+        that generates them (None for a generation steered from its first step)."""
+        if not step:
+            return None
+        provenance = Provenance("prefix", self.model.name, self.concept.name, fingerprint(
+            model=self.model_identity(), prompts=list(prompts), seeds=[int(s) for s in seeds],
+            step=step))
+        return Prefix(self.artefact_dir(provenance), step)
 
     @cached_property
     def clip(self) -> Clip:

@@ -45,6 +45,7 @@ class Run:
             layers.select, layers.kind, layers.k,
             step_window(steer_cfg.start, steer_cfg.end, self.res.model.steps))
         self.results: dict[str, Any] = {}
+        self.denoiser_calls: dict[str, int] = {}  # per stage, this run's computing calls
         self._stages: dict[str, Callable[[], Any]] = {
             "collect": self._collect, "localize": self._localize, "steer": self._steer,
             "evaluate": self._evaluate,
@@ -67,7 +68,10 @@ class Run:
             for upstream in self.needs(stage):
                 self.result(upstream)
             log.info("stage %s", stage)
+            before = self.res.denoiser_calls()
             self.results[stage] = self._stages[stage]()
+            self.denoiser_calls[stage] = self.res.denoiser_calls() - before
+            log.info("stage %s: %d denoiser calls", stage, self.denoiser_calls[stage])
         return self.results[stage]
 
     def _collect(self):
@@ -93,7 +97,7 @@ class Run:
 
     def _evaluate(self):
         return evaluate(self.res, section(self.cfg, "eval"), self.results["steer"],
-                        self.cfg.seed)
+                        self.cfg.seed, self.denoiser_calls)
 
 
 # A trial under the CLIP-I floor scores this plus its shortfall: behind every feasible trial,

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -78,6 +80,7 @@ def steer_run(root, name, *overrides) -> SteerResult:
     return run(cfg, root / name)["steer"]
 
 
+@pytest.mark.slow
 def test_steering_moves_the_probe_logit_towards_the_target(localized, tiny):
     root, probes = localized
     pipe, registry, _ = tiny("tiny_sd15")
@@ -104,6 +107,7 @@ def test_steering_moves_the_probe_logit_towards_the_target(localized, tiny):
     assert (towards > 0).all(), towards
 
 
+@pytest.mark.slow
 def test_untouched_samples_are_bit_identical_to_base(localized):
     root, _ = localized
     result = steer_run(root, "minimal", "steer.policy=minimal")
@@ -120,6 +124,7 @@ def test_untouched_samples_are_bit_identical_to_base(localized):
         assert not np.array_equal(base, np.asarray(Image.open(result.steered_root / row["image"])))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,n_layers", [
     ("icm", 3), ("attn2", 3), ("all_layers", 32), ("hspace", 1), ("random", 3), ("prompt", 0),
     ("none", 0),
@@ -142,6 +147,7 @@ def test_every_method_runs_and_reuses_base_images(localized, method, n_layers):
     assert len(bases) == 1  # one base set, shared by every method
 
 
+@pytest.mark.slow
 def test_multiclass_targets_follow_the_configured_distribution(localized, tmp_path):
     root, _ = localized
     cfg = make_config(f"paths.root={root}", *SMALL, "stages=[steer]", "method=prompt",
@@ -157,6 +163,7 @@ def test_multiclass_targets_follow_the_configured_distribution(localized, tmp_pa
     assert all(p.endswith(suffixes) for p in plan.prompts), plan.prompts[:4]
 
 
+@pytest.mark.slow
 def test_steps_before_the_window_are_untouched(localized, tiny):
     _, probes = localized
     pipe, registry, _ = tiny("tiny_sd15")
@@ -186,6 +193,7 @@ def test_steering_unrecorded_layers_is_refused_before_collecting(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_probes_from_another_concept_are_refused(localized, tmp_path):
     root, probes = localized
     cfg = make_config(f"paths.root={root}", *SMALL, "stages=[steer]", "concept=age",
@@ -194,6 +202,7 @@ def test_probes_from_another_concept_are_refused(localized, tmp_path):
         run(cfg, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_nan_alpha_fails_before_generating(localized, tmp_path):
     root, _ = localized
     with pytest.raises(ConfigError, match="steer.alpha=nan must be a finite number"):
@@ -202,6 +211,7 @@ def test_nan_alpha_fails_before_generating(localized, tmp_path):
     assert not (tmp_path / "run" / "steer").exists()
 
 
+@pytest.mark.slow
 def test_the_saved_plan_replays_the_steered_images_bit_for_bit(localized):
     root, probes = localized
     result = steer_run(root, "replay")
@@ -214,3 +224,23 @@ def test_the_saved_plan_replays_the_steered_images_bit_for_bit(localized):
     for index, image in enumerate(images):
         original = Image.open(result.steered_root / "images" / f"{index:06d}.png")
         assert np.array_equal(np.asarray(image), np.asarray(original)), index
+
+
+@pytest.mark.slow
+def test_a_sweep_computes_the_unsteered_prefix_once(localized):
+    """The first run makes the base images and caches their first `start` steps; every later
+    configuration with that start continues from the cache, and writes its count down."""
+    root, _ = localized
+    overrides = ("stages=[steer,evaluate]", "eval.n_images_per_prompt=2")  # a fresh base set
+    cfg = make_config(f"paths.root={root}", *SMALL, *overrides)
+    batches = -(-12 * 2 // cfg.model.batch_size)
+    start = step_window(cfg.steer.start, None, 8).start
+    calls = []
+    for alpha in (5, 15):
+        run(make_config(f"paths.root={root}", *SMALL, *overrides, f"steer.alpha={alpha}"),
+            root / f"sweep_{alpha}")
+        metrics = json.loads((root / f"sweep_{alpha}" / "metrics.json").read_text())
+        calls.append(metrics["denoiser_calls"])
+    reused = {"collect": 0, "localize": 0}  # artefacts from the fixture's run
+    assert calls[0] == {**reused, "steer": batches * 8 + batches * (8 - start)}
+    assert calls[1] == {**reused, "steer": batches * (8 - start)}

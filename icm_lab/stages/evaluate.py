@@ -3,11 +3,13 @@
 Writes `<run>/metrics.json`:
 
     {"model", "concept", "method", "layers", "alpha", "steps", "direction", "classes", "target",
-     "seed", "classifier",
+     "seed", "classifier", "denoiser_calls",
      "base":    {fd, fd_soft, kl, deviation, n_images, n_undecided, clip_t, per_prompt},
      "steered": {... the same ..., clip_i, fid, kid, kid_std}}
 
 alpha, steps ([first, last + 1]) and direction are null for methods that add no vector.
+denoiser_calls counts, per upstream stage, the denoiser calls this run computed (0 for a stage
+whose artefacts were reused; a batch with classifier-free guidance is one call).
 fd/fd_soft/kl/deviation are per prompt, then averaged over prompts (per-prompt values under
 `per_prompt`). fid/kid compare the steered images with the unsteered images of the same
 prompts; with `eval.reference_dir`, `fid_reference`/`kid_reference` compare with that folder.
@@ -38,7 +40,8 @@ from icm_lab.stages.steer import SteerResult
 log = logging.getLogger(__name__)
 
 
-def evaluate(res: Resources, cfg: EvalConfig, steered: SteerResult, seed: int) -> dict:
+def evaluate(res: Resources, cfg: EvalConfig, steered: SteerResult, seed: int,
+             denoiser_calls: dict[str, int] | None = None) -> dict:
     concept, plan = res.concept, steered.plan
     table = steered.table.copy()
     if table.empty:
@@ -67,7 +70,8 @@ def evaluate(res: Resources, cfg: EvalConfig, steered: SteerResult, seed: int) -
         "layers": plan.layers, "alpha": plan.alpha,
         "steps": None if plan.start is None else [plan.start, plan.end],
         "direction": plan.direction, "classes": classes, "target": target.tolist(),
-        "seed": seed, "classifier": res.labeler_description(), "base": base, "steered": after,
+        "seed": seed, "classifier": res.labeler_description(),
+        "denoiser_calls": dict(denoiser_calls or {}), "base": base, "steered": after,
     }
     out = res.run_dir / "evaluate"
     out.mkdir(parents=True, exist_ok=True)

@@ -51,8 +51,10 @@ class SteerResult:
                                                     strict=True)])
 
 
-def base_images(res: Resources, plan: pd.DataFrame) -> tuple[pd.DataFrame, Path]:
-    """The unsteered images of the plan, labelled; generated once per model/concept/seeds."""
+def base_images(res: Resources, plan: pd.DataFrame, prefix_step: int | None
+                ) -> tuple[pd.DataFrame, Path]:
+    """The unsteered images of the plan, labelled; generated once per model/concept/seeds,
+    leaving behind the cached prefix of their first `prefix_step` steps for the steered runs."""
     concept = res.concept
     provenance = Provenance("base", res.model.name, concept.name, fingerprint(
         model=res.model_identity(), prompts=list(plan["prompt"]), seeds=list(plan["seed"]),
@@ -64,7 +66,9 @@ def base_images(res: Resources, plan: pd.DataFrame) -> tuple[pd.DataFrame, Path]
         if table_path.exists():
             log.info("steer: reusing the base images at %s", root)
             return pd.read_parquet(table_path), root
-        images = res.generator.all(list(plan["prompt"]), list(plan["seed"]), desc="base images")
+        prompts, seeds = list(plan["prompt"]), list(plan["seed"])
+        images = res.generator.all(prompts, seeds, desc="base images",
+                                   prefix=res.prefix(prompts, seeds, prefix_step))
         paths = save_images(images, plan["index"], root / "images", root)
         table = labelled_table(plan, res.labeler(images), paths)
         table.to_parquet(root / ".images.parquet.tmp", index=False)
@@ -78,7 +82,9 @@ def steer(res: Resources, cfg: SteerConfig, method: SteeringMethod, per_prompt: 
     probes and selected layers to methods that use them."""
     concept = res.concept
     plan = eval_plan(concept.eval_prompts, per_prompt, seed)
-    base, base_root = base_images(res, plan)
+    # Methods with probes add vectors from the window's start: their runs share that prefix.
+    window = step_window(cfg.start, cfg.end, res.model.steps)
+    base, base_root = base_images(res, plan, window.start if method.uses_probes else None)
     targets = plan_targets(concept.classes, concept.target, cfg.policy, seed, plan, base)
     steer_plan = make_plan(res, cfg, method, seed, localization, plan, targets)
     if steer_plan.edits:
@@ -92,8 +98,10 @@ def steer(res: Resources, cfg: SteerConfig, method: SteeringMethod, per_prompt: 
     steer_plan.save(out)
     images = None
     if method.generates:
-        images = res.generator.all(steer_plan.prompts, steer_plan.seeds,
-                                   steer_plan.interventions(), desc=f"steer ({method.name})")
+        images = res.generator.all(
+            steer_plan.prompts, steer_plan.seeds, steer_plan.interventions(),
+            desc=f"steer ({method.name})",
+            prefix=res.prefix(steer_plan.prompts, steer_plan.seeds, steer_plan.start))
     table = result_table(res, plan, base, targets, images, out, method.generates)
     table.to_parquet(out / "images.parquet", index=False)
     table.to_csv(out / "images.csv", index=False)
