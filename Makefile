@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 MODEL ?= toy
 
-.PHONY: install test run bench lint layers tables sweep toy-model toy-quality clean
+.PHONY: install test test-fast run bench lint layers tables sweep toy-model toy-quality clean
 
 install: $(INSTALLED)
 
@@ -17,6 +17,10 @@ $(INSTALLED): pyproject.toml
 
 test: $(INSTALLED)
 	$(PY) -m pytest tests
+
+# The unit tests only (no end-to-end pipeline runs): under 2 minutes on 2 cores.
+test-fast: $(INSTALLED)
+	$(PY) -m pytest tests -m "not slow"
 
 run: $(INSTALLED)
 	$(PY) -m icm_lab

@@ -11,16 +11,29 @@ On a GPU: python -m icm_lab.bench --model sd15_random model.device=cuda model.dt
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
+import threadpoolctl
 import torch
+from joblib import Parallel, delayed
 from omegaconf import OmegaConf
 
 from icm_lab.config import CONFIG_DIR, compose_config
-from icm_lab.hooks import DenoiserHooks
+from icm_lab.hooks import AddVector, DenoiserHooks
 from icm_lab.models.adapters import layer_registry
+from icm_lab.probes import fit_probes, scores
+from icm_lab.runner import run
+from icm_lab.selection import step_window
+from icm_lab.store import io_per_byte_stored
 from icm_lab.validation import build
 
 TARGETS = {"record": {"cpu": 0.10, "cuda": 0.05}, "steer": {"cpu": 0.03, "cuda": 0.02}}
@@ -121,8 +134,6 @@ def bench_record(args: argparse.Namespace, overrides: list[str]) -> None:
 def bench_steer(args: argparse.Namespace, overrides: list[str]) -> None:
     """ICM steering (per-sample, per-step vectors on the paper's three attn1 layers, from 30% of
     the steps on) against the plain pipeline."""
-    from icm_lab.hooks import AddVector
-
     def steering(registry, args):
         g = torch.Generator().manual_seed(0)
         layers = [registry[name] for name in compose_config(["layers=paper_sd15"]).layers.select]
@@ -155,10 +166,37 @@ def planted_activations(n: int, steps: int, widths: list[int], seed: int = 0):
     return layers, y
 
 
-def bench_probes(args: argparse.Namespace, overrides: list[str]) -> None:
-    """logreg (batched) against the sklearn per-probe loop, on SD1.5-shaped probes."""
-    from icm_lab.probes import fit_probes, scores
+def machine() -> str:
+    """What the other processes on the machine are doing, and the thread pools of this one."""
+    pools = {}
+    for pool in threadpoolctl.threadpool_info():
+        pools[pool["internal_api"]] = pool["num_threads"]
+    one, five, _ = os.getloadavg()
+    return (f"load {one:.2f} (1 min) {five:.2f} (5 min) on {os.cpu_count()} cores; torch "
+            f"{torch.get_num_threads()} threads; pools {pools}")
 
+
+def sklearn_layer(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray
+                  ) -> tuple[np.ndarray, float]:
+    """One layer's probes (`x: [steps, n, width]`) fitted by scikit-learn as a careful user runs
+    it in a worker: one BLAS/OpenMP thread. Balanced accuracies and the CPU seconds spent."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpoolctl.threadpool_limits(1):
+            start = time.process_time()
+            probes, labels = torch.from_numpy(x), torch.from_numpy(y)
+            fit = fit_probes("sklearn", probes[:, train], labels[train], 2)
+            balanced = scores(fit.logits(probes[:, test]), labels[test], 2)["balanced_accuracy"]
+            return balanced.numpy(), time.process_time() - start
+    finally:
+        torch.set_num_threads(threads)
+
+
+def bench_probes(args: argparse.Namespace, overrides: list[str]) -> None:
+    """logreg (batched) against scikit-learn per probe, on SD1.5-shaped probes. scikit-learn
+    runs as a careful user runs it: one BLAS thread per process, in one process and over joblib
+    workers on every core; wall and CPU time of each side, with the machine's load."""
     n, steps = 1024, args.probe_steps
     registry, _ = build(compose_config(["model=sd15_random"]).model,
                         "model").registry_without_weights()
@@ -167,37 +205,102 @@ def bench_probes(args: argparse.Namespace, overrides: list[str]) -> None:
     layers, y = planted_activations(n, steps, widths)
     train = torch.randperm(n, generator=torch.Generator().manual_seed(1))[: int(0.8 * n)]
     test = torch.tensor(sorted(set(range(n)) - set(train.tolist())))
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    arrays = [x.permute(1, 0, 2).contiguous().numpy() for x in layers]  # [steps, n, width]
+    split = (y.numpy(), train.numpy(), test.numpy())
+    competing = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                 for _ in range(args.load)]
+    try:
+        print(f"probes: {len(widths)} layers (SD1.5 widths) x {steps} steps = "
+              f"{len(widths) * steps} probes, N={n}; {args.load} competing busy processes",
+              flush=True)
+        jobs = os.cpu_count() or 1
+        warm = (arrays[0][:1, :64], split[0][:64], np.arange(48), np.arange(48, 64))
+        Parallel(n_jobs=jobs)(delayed(sklearn_layer)(*warm) for _ in range(jobs))  # imports
+        sides = {
+            "sklearn, 1 process x 1 thread": lambda: [sklearn_layer(x, *split) for x in arrays],
+            f"sklearn, joblib {jobs} workers x 1 thread": lambda: Parallel(n_jobs=jobs)(
+                delayed(sklearn_layer)(x, *split) for x in arrays),
+        }
+        results = {}
+        for name, fit_all in sides.items():
+            print(f"  {name}: {machine()}", flush=True)
+            wall, cpu = time.perf_counter(), time.process_time()
+            out = fit_all()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            worker_cpu = sum(seconds for _, seconds in out)
+            results[name] = (wall, np.concatenate([b for b, _ in out]))
+            print(f"    wall {wall:.1f} s, CPU {max(cpu, worker_cpu):.1f} s", flush=True)
+        for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+            for tol in args.probe_tol:
+                _race_logreg(layers, y, train, test, device, tol, results)
+    finally:
+        for process in competing:
+            process.kill()
 
-    def run(backend: str, device: str, tol: float | None = None) -> tuple[float, torch.Tensor]:
-        _sync()
-        start = time.perf_counter()
-        balanced = []
-        for x in layers:
-            probes = x.to(device).permute(1, 0, 2)  # [steps, n, width]
-            options = {"tol": tol} if backend == "logreg" else {}
-            fit = fit_probes(backend, probes[:, train], y[train].to(device), 2, **options)
-            logits = fit.logits(probes[:, test])
-            balanced.append(scores(logits, y[test].to(device), 2)["balanced_accuracy"].cpu())
-        _sync()
-        return time.perf_counter() - start, torch.cat(balanced)
 
-    for device in devices:  # warm-up: first calls pay for library initialisation
-        fit_probes("logreg", layers[0][:64, :2].permute(1, 0, 2).to(device),
-                   y[:64].to(device), 2)
-    seconds, reference = run("sklearn", "cpu")
-    print(f"probes: {len(widths)} layers (SD1.5 widths) x {steps} steps, N={n}\n"
-          f"  sklearn per-probe loop {seconds:.1f} s", flush=True)
-    for tol in args.probe_tol:
-        for device in devices:
-            ours, balanced = run("logreg", device, tol)
-            delta = (balanced - reference).abs()
-            speedup = seconds / ours
-            print(f"  logreg tol {tol:g} on {device}: {ours:.2f} s, {speedup:.1f}x faster "
-                  f"(target >= 30x: {'ok' if speedup >= 30 else 'BELOW TARGET'}), mean |delta "
-                  f"balanced accuracy| {delta.mean():.4f} (target <= 0.02: "
-                  f"{'ok' if delta.mean() <= 0.02 else 'ABOVE'}), max {delta.max():.3f}",
-                  flush=True)
+def _race_logreg(layers: list[torch.Tensor], y: torch.Tensor, train: torch.Tensor,
+                 test: torch.Tensor, device: str, tol: float,
+                 references: dict[str, tuple[float, np.ndarray]]) -> None:
+    """The batched solver on the same probes, against each scikit-learn side."""
+    fit_probes("logreg", layers[0][:64, :2].permute(1, 0, 2).to(device), y[:64].to(device), 2)
+    print(f"  logreg tol {tol:g} on {device}: {machine()}", flush=True)
+    _sync()
+    wall, cpu = time.perf_counter(), time.process_time()
+    balanced = []
+    for x in layers:
+        probes = x.to(device).permute(1, 0, 2)  # [steps, n, width]
+        fit = fit_probes("logreg", probes[:, train], y[train].to(device), 2, tol=tol)
+        logits = fit.logits(probes[:, test])
+        balanced.append(scores(logits, y[test].to(device), 2)["balanced_accuracy"].cpu())
+    _sync()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    balanced = torch.cat(balanced).numpy()
+    print(f"    wall {wall:.1f} s, CPU {cpu:.1f} s", flush=True)
+    for name, (seconds, reference) in references.items():
+        delta = np.abs(balanced - reference)
+        print(f"    against {name}: {seconds / wall:.2f}x; |delta balanced accuracy| mean "
+              f"{delta.mean():.4f} (goal <= 0.01), max {delta.max():.3f} (goal <= 0.03)",
+              flush=True)
+
+
+def bench_sweep(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Denoiser calls of a 4 alpha x 3 layer-set sweep at start 0.3 on the toy model, against
+    the naive count (every configuration generating its base and steered images whole)."""
+    with tempfile.TemporaryDirectory() as root:
+        common = [f"paths.root={root}", "model=toy", "stages=[steer,evaluate]", *overrides]
+        run(compose_config([*common, "stages=[collect,localize]"]), Path(root) / "localize")
+        calls, configs = [], [(a, k) for k in (1, 3, 5) for a in (5, 10, 15, 30)]
+        for alpha, k in configs:
+            out = Path(root) / f"alpha{alpha}-k{k}"
+            run(compose_config([*common, f"steer.alpha={alpha}", f"layers.k={k}"]), out)
+            calls.append(json.loads((out / "metrics.json").read_text())["denoiser_calls"])
+        cfg = compose_config(common)
+        batches = -(-cfg.eval.n_images_per_prompt * len(cfg.concept.eval_prompts)
+                    // cfg.model.batch_size)
+    whole = batches * cfg.model.steps  # one image set generated from its first step
+    start = step_window(cfg.steer.start, cfg.steer.end, cfg.model.steps).start
+    steer_calls = sum(c["steer"] for c in calls)
+    steered = steer_calls - whole  # the first configuration also made the base images
+    goal = (start / cfg.model.steps) + len(configs) * (1 - start / cfg.model.steps)
+    print(f"sweep: toy, {len(configs)} configurations (alpha 5/10/15/30 x layers.k 1/3/5), "
+          f"start {cfg.steer.start} (step {start} of {cfg.model.steps}), {batches} batches per "
+          f"image set\n  denoiser calls in steer: {steer_calls} = base {whole / whole:.0f} + "
+          f"steered {steered / whole:.2f} image-set equivalents (goal <= {goal:.2f}); naive "
+          f"{2 * len(configs) * whole} ({2 * len(configs)} equivalents), with the base images "
+          f"shared {(len(configs) + 1) * whole}: {steer_calls / (2 * len(configs) * whole):.2f} "
+          "of naive", flush=True)
+
+
+def bench_store(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Bytes written and read by the default toy collect, per byte of the store it makes."""
+    with tempfile.TemporaryDirectory(dir=Path.cwd()) as root:  # a real disk: tmpfs counts none
+        cfg = compose_config([f"paths.root={root}", "model=toy", "stages=[collect]", *overrides])
+        io = io_per_byte_stored(lambda: run(cfg, Path(root) / "run")["collect"])
+    print(f"store: toy collect, {cfg.collect.n_images} images, {io['stored_bytes'] / 1e6:.1f} MB "
+          f"stored\n  written per byte stored: {io['write_bytes'] - io['images']:.3f} by the "
+          f"store (goal <= 1.05), {io['write_bytes']:.3f} with the images "
+          f"({io['images']:.3f}); read from disk {io['read_bytes']:.3f} (finalize reads no "
+          "activation; localize then reads each once)", flush=True)
 
 
 def _report(name: str, setting: str, base: float, variant: float, base_median: float,
@@ -210,7 +313,8 @@ def _report(name: str, setting: str, base: float, variant: float, base_median: f
           f"{variant_median / base_median:.3f}", flush=True)
 
 
-BENCHMARKS = {"record": bench_record, "steer": bench_steer, "probes": bench_probes}
+BENCHMARKS = {"record": bench_record, "steer": bench_steer, "probes": bench_probes,
+              "sweep": bench_sweep, "store": bench_store}
 
 
 def main() -> None:
@@ -221,6 +325,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--probe-steps", type=int, default=50)
+    parser.add_argument("--load", type=int, default=0,
+                        help="busy processes competing with the probe benchmark (a shared box)")
     parser.add_argument("--probe-tol", type=float, nargs="+",
                         default=[OmegaConf.load(CONFIG_DIR / "probe/logreg.yaml").tol],
                         help="logreg gradient tolerances to race (default: conf/probe/logreg)")

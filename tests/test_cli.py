@@ -2,7 +2,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow  # every test here starts the command line in a subprocess
 
 
 def run(*command: str) -> subprocess.CompletedProcess:

@@ -82,6 +82,7 @@ def test_fid_is_zero_against_itself_and_grows_with_shift(tiny_clip):
     assert moved["kid"] > 10 * abs(same["kid"])
 
 
+@pytest.mark.slow
 def test_metrics_json_schema_and_method_none_is_neutral(tmp_path):
     cfg = make_config(f"paths.root={tmp_path}", "collect.n_images=30", "model.steps=4",
                       "eval.n_images_per_prompt=3", "method=none")
@@ -109,6 +110,7 @@ def test_metrics_json_schema_and_method_none_is_neutral(tmp_path):
     assert (tmp_path / "run" / "evaluate" / "distribution.png").exists()
 
 
+@pytest.mark.slow
 def test_reference_folder(tmp_path):
     reference = tmp_path / "reference"
     reference.mkdir()

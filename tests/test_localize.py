@@ -164,7 +164,7 @@ def planted_store(root, registry, n=400, steps=10, seed=0) -> ActivationStore:
                             "image": "", "p_male": 0.5, "p_female": 0.5})
     provenance = Provenance("collect", "tiny_sd15", "gender", "planted")
     writer = StoreWriter(root, provenance, list(registry), n)
-    writer.write_shard(0, activations, samples)
+    writer.write_batch(0, activations, samples)
     store = writer.finalize()
     store.planted_direction = direction
     return store
@@ -255,6 +255,7 @@ def test_steering_window_is_validated(bad):
         step_window(float(bad), None, 10)
 
 
+@pytest.mark.slow
 def test_localize_end_to_end_with_explicit_swap(tmp_path):
     cfg = make_config(f"paths.root={tmp_path}", "collect.n_images=30", "model.steps=4",
                       "localize.method=explicit_swap", "localize.swap_images=2")
@@ -268,6 +269,7 @@ def test_localize_end_to_end_with_explicit_swap(tmp_path):
     assert (tmp_path / "run" / "explicit_swap.png").exists()
 
 
+@pytest.mark.slow
 def test_localize_end_to_end_on_sdxl_multiclass(tmp_path):
     """Real tiny_sdxl activations; the random tiny CLIP labels everything alike, so the labels
     are assigned by prompt here (as a labeler would) to give the probes three classes."""

@@ -91,6 +91,7 @@ def science(tmp_path_factory):
             for method in ("icm", "random")}
 
 
+@pytest.mark.slow
 def test_icm_on_auto_selected_layers_cuts_the_colour_bias_to_a_third(science):
     icm = science["icm"]
     assert icm["base"]["fd"] > 0.3  # the model's implicit colour choice is strongly biased
@@ -98,17 +99,21 @@ def test_icm_on_auto_selected_layers_cuts_the_colour_bias_to_a_third(science):
     assert icm["steered"]["clip_i"] >= CLIP_I_FLOOR
 
 
+@pytest.mark.slow
 def test_random_directions_of_the_same_strength_do_not(science):
     assert science["random"]["steered"]["fd"] > science["icm"]["base"]["fd"] / 3
     assert science["random"]["base"] == science["icm"]["base"]  # the same shared base images
 
 
+@pytest.mark.slow
 def test_explicit_prompts_keep_their_named_colour(tmp_path):
-    report = measure(Resources(make_config("model=toy"), tmp_path), per_prompt=8)
+    cfg = make_config("model=toy", f"paths.root={tmp_path}")
+    report = measure(Resources(cfg, tmp_path / "run"), per_prompt=8)
     for attribute in ("color", "size"):
         assert report[attribute]["explicit_accuracy"] >= 0.95, report[attribute]
 
 
+@pytest.mark.slow
 def test_swapping_every_attn2_context_is_the_explicit_prompt(tiny):
     """The explicit-swap hook, applied at every cross-attention layer, must turn "a circle" into
     "a blue circle": the same images as the explicit prompt, bit for bit, and blue by the

@@ -3,8 +3,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from icm_lab.runner import run
 from tests.conftest import make_config, wandb_records
+
+pytestmark = pytest.mark.slow  # every test here runs the whole pipeline
 
 
 def test_offline_wandb_run_holds_the_logged_keys(tmp_path, monkeypatch):

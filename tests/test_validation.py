@@ -75,6 +75,7 @@ def test_a_valid_config_passes(tmp_path):
     check_overrides(["model=tiny_sana", "concept=gender", "layers=all_attn2", "method=attn2"])
 
 
+@pytest.mark.slow
 def test_the_command_line_refuses_in_one_line_and_writes_nothing(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "icm_lab", "steer.alpha=nan", f"paths.root={tmp_path}",
@@ -86,6 +87,7 @@ def test_the_command_line_refuses_in_one_line_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_full_traceback_stays_available(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "icm_lab", "layers.select=[nope]", f"paths.root={tmp_path}"],
