@@ -233,6 +233,8 @@ def bench_probes(args: argparse.Namespace, overrides: list[str]) -> None:
         for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
             for tol in args.probe_tol:
                 _race_logreg(layers, y, train, test, device, tol, results)
+        # The cause of the slowdown on a shared machine: one OpenMP team over every chunk.
+        _race_logreg(layers, y, train, test, "cpu", args.probe_tol[0], results, workers=1)
     finally:
         for process in competing:
             process.kill()
@@ -240,16 +242,20 @@ def bench_probes(args: argparse.Namespace, overrides: list[str]) -> None:
 
 def _race_logreg(layers: list[torch.Tensor], y: torch.Tensor, train: torch.Tensor,
                  test: torch.Tensor, device: str, tol: float,
-                 references: dict[str, tuple[float, np.ndarray]]) -> None:
+                 references: dict[str, tuple[float, np.ndarray]], workers: int | None = None
+                 ) -> None:
     """The batched solver on the same probes, against each scikit-learn side."""
     fit_probes("logreg", layers[0][:64, :2].permute(1, 0, 2).to(device), y[:64].to(device), 2)
-    print(f"  logreg tol {tol:g} on {device}: {machine()}", flush=True)
+    threads = (f"{workers or torch.get_num_threads()} worker threads x 1 torch thread"
+               if workers != 1 else f"1 worker x {torch.get_num_threads()} torch threads")
+    print(f"  logreg tol {tol:g} on {device}, {threads}: {machine()}", flush=True)
     _sync()
     wall, cpu = time.perf_counter(), time.process_time()
     balanced = []
     for x in layers:
         probes = x.to(device).permute(1, 0, 2)  # [steps, n, width]
-        fit = fit_probes("logreg", probes[:, train], y[train].to(device), 2, tol=tol)
+        fit = fit_probes("logreg", probes[:, train], y[train].to(device), 2, tol=tol,
+                         workers=workers)
         logits = fit.logits(probes[:, test])
         balanced.append(scores(logits, y[test].to(device), 2)["balanced_accuracy"].cpu())
     _sync()

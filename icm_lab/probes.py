@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,19 +109,51 @@ def standardised_chunks(x: torch.Tensor, chunk_mb: float | None = None
 
 
 def fit_logreg(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float = 1.0,
-               max_iter: int = 100, tol: float = 1e-3, chunk_mb: float | None = None) -> ProbeFit:
+               max_iter: int = 100, tol: float = 1e-3, chunk_mb: float | None = None,
+               workers: int | None = None) -> ProbeFit:
     """All P probes together by nonlinear conjugate gradients, each probe (and each one-vs-rest
-    output) with its own exact line search, until every largest gradient entry is below `tol`."""
+    output) with its own exact line search, until every largest gradient entry is below `tol`.
+
+    On the CPU, `workers` threads (default: torch's thread count) each fit a contiguous share of
+    the probes with one torch thread. Solving is hundreds of small operations per chunk, and a
+    team of OpenMP threads meets at a barrier after each: when another process holds a core,
+    the whole team waits on it (measured 3.6x slower than one thread at load 3 on 2 cores;
+    BENCHMARKS.md). Workers that never wait for each other degrade gracefully instead."""
     t = targets(y, n_classes)
+    workers = 1 if x.is_cuda else min(workers or torch.get_num_threads(), len(x))
+    bounds = np.linspace(0, len(x), workers + 1).round().astype(int)
+    parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    with single_threaded(workers > 1), ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(
+            lambda part: _fit_logreg_part(x[part], t, C, max_iter, tol, chunk_mb), parts))
+    unconverged = sum(busy for _, busy in results)
+    if unconverged:
+        log.warning("logreg: %d of %d probes did not reach tol=%g within max_iter=%d; raise "
+                    "probe.max_iter (or probe.tol)", unconverged, len(x), tol, max_iter)
+    return ProbeFit.concat([fit for fit, _ in results])
+
+
+@contextmanager
+def single_threaded(active: bool = True) -> Iterator[None]:
+    """torch at one intra-op thread for the block (when `active`), then as before."""
+    threads = torch.get_num_threads()
+    if active:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_logreg_part(x: torch.Tensor, t: torch.Tensor, C: float, max_iter: int, tol: float,
+                     chunk_mb: float | None) -> tuple[ProbeFit, int]:
+    """Consecutive probes, chunk by chunk: the fit, and how many probes missed `tol`."""
     fits, unconverged = [], 0
     for z, mean, scale in standardised_chunks(x, chunk_mb):
         theta, busy = _fit_logreg_chunk(z, t.to(z), C, max_iter, tol)
         fits.append(ProbeFit(mean, scale, theta[:, :-1], theta[:, -1]))
         unconverged += int(busy.any(dim=2).sum())
-    if unconverged:
-        log.warning("logreg: %d of %d probes did not reach tol=%g within max_iter=%d; raise "
-                    "probe.max_iter (or probe.tol)", unconverged, len(x), tol, max_iter)
-    return ProbeFit.concat(fits)
+    return ProbeFit.concat(fits), unconverged
 
 
 def _fit_logreg_chunk(z: torch.Tensor, t: torch.Tensor, C: float, max_iter: int,
@@ -255,9 +289,11 @@ def check_options(backend: str, options: dict[str, object]) -> None:
         if options.get(key) is not None and not (isinstance(options[key], int | float)
                                                  and options[key] > 0):
             raise ConfigError(f"probe.{key}={options[key]!r} must be a positive number")
-    max_iter = options.get("max_iter", 1)
-    if not (isinstance(max_iter, int) and max_iter >= 1):
-        raise ConfigError(f"probe.max_iter={max_iter!r} must be a positive integer")
+    for key in ("max_iter", "workers"):
+        value = options.get(key, 1)
+        if not (value is None and key == "workers" or isinstance(value, int)
+                and not isinstance(value, bool) and value >= 1):
+            raise ConfigError(f"probe.{key}={value!r} must be a positive integer")
 
 
 def fit_probes(backend: str, x: torch.Tensor, y: torch.Tensor, n_classes: int,

@@ -71,12 +71,13 @@ def test_logreg_reports_probes_that_did_not_converge(caplog):
     assert "6 of 6 probes did not reach tol=0.001 within max_iter=2" in caplog.text
 
 
-def test_logreg_is_independent_of_chunking_and_input_precision():
+def test_logreg_is_independent_of_chunking_workers_and_input_precision():
     x, y, _ = planted_batch(P=5, strength=torch.linspace(0, 2, 5)[:, None, None])
     x = x.half()
     whole = fit_probes("logreg", x, y, 2, chunk_mb=float("inf"))
     for fit in (fit_probes("logreg", x, y, 2, chunk_mb=1e-6),  # one probe per chunk
-                fit_probes("logreg", x.float(), y, 2)):
+                fit_probes("logreg", x, y, 2, chunk_mb=1e-6, workers=3),  # threads share them
+                fit_probes("logreg", x.float(), y, 2, workers=1)):
         for name in ("mean", "scale", "weight", "bias"):
             torch.testing.assert_close(getattr(fit, name), getattr(whole, name),
                                        rtol=1e-4, atol=1e-5)
