@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,14 @@ from omegaconf import OmegaConf
 from icm_lab.config import CONFIG_DIR, compose_config
 from icm_lab.hooks import AddVector, DenoiserHooks
 from icm_lab.models.adapters import layer_registry
-from icm_lab.probes import fit_probes, scores
+from icm_lab.probes import (
+    _matvec,
+    _rmatvec,
+    fit_probes,
+    scores,
+    single_threaded,
+    standardised_chunks,
+)
 from icm_lab.runner import run
 from icm_lab.selection import step_window
 from icm_lab.store import io_per_byte_stored
@@ -180,17 +188,12 @@ def sklearn_layer(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndar
                   ) -> tuple[np.ndarray, float]:
     """One layer's probes (`x: [steps, n, width]`) fitted by scikit-learn as a careful user runs
     it in a worker: one BLAS/OpenMP thread. Balanced accuracies and the CPU seconds spent."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpoolctl.threadpool_limits(1):
-            start = time.process_time()
-            probes, labels = torch.from_numpy(x), torch.from_numpy(y)
-            fit = fit_probes("sklearn", probes[:, train], labels[train], 2)
-            balanced = scores(fit.logits(probes[:, test]), labels[test], 2)["balanced_accuracy"]
-            return balanced.numpy(), time.process_time() - start
-    finally:
-        torch.set_num_threads(threads)
+    with single_threaded(), threadpoolctl.threadpool_limits(1):
+        start = time.process_time()
+        probes, labels = torch.from_numpy(x), torch.from_numpy(y)
+        fit = fit_probes("sklearn", probes[:, train], labels[train], 2)
+        balanced = scores(fit.logits(probes[:, test]), labels[test], 2)["balanced_accuracy"]
+        return balanced.numpy(), time.process_time() - start
 
 
 def bench_probes(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -235,9 +238,11 @@ def bench_probes(args: argparse.Namespace, overrides: list[str]) -> None:
                 _race_logreg(layers, y, train, test, device, tol, results)
         # The cause of the slowdown on a shared machine: one OpenMP team over every chunk.
         _race_logreg(layers, y, train, test, "cpu", args.probe_tol[0], results, workers=1)
+        _pass_cost(layers, train)
     finally:
         for process in competing:
             process.kill()
+            process.wait()
 
 
 def _race_logreg(layers: list[torch.Tensor], y: torch.Tensor, train: torch.Tensor,
@@ -269,16 +274,42 @@ def _race_logreg(layers: list[torch.Tensor], y: torch.Tensor, train: torch.Tenso
               flush=True)
 
 
+def _pass_cost(layers: list[torch.Tensor], train: torch.Tensor) -> None:
+    """What bounds logreg: the time of one iteration's two products (z @ theta, then z^T @ r)
+    over every standardised chunk, with the solver's workers, against a plain copy of the data
+    (memory bandwidth). A fit at k iterations costs at least k such passes."""
+    def one_pass(x: torch.Tensor) -> None:
+        for z, _, _ in standardised_chunks(x):
+            theta = torch.ones(len(z), z.shape[2], 1)
+            _rmatvec(z, _matvec(z, theta))
+
+    data = [x.permute(1, 0, 2)[:, train] for x in layers]
+    workers = torch.get_num_threads()
+    with single_threaded(), ThreadPoolExecutor(workers) as pool:
+        wall = time.perf_counter()
+        list(pool.map(one_pass, data))
+        wall = time.perf_counter() - wall
+    gigabytes = sum(x.numel() for x in data) * 4 / 1e9
+    source, target = torch.ones(int(2e8) // 4), torch.zeros(int(2e8) // 4)  # pages touched
+    copy = time.perf_counter()
+    target.copy_(source)
+    copy = time.perf_counter() - copy
+    print(f"  one solver pass (standardise + z @ theta + z^T @ r, {workers} workers) over the "
+          f"{gigabytes:.2f} GB of float32 training probes: {wall:.2f} s; a plain 0.2 GB copy "
+          f"runs at {0.4 / copy:.1f} GB/s (read + write)", flush=True)
+
+
 def bench_sweep(args: argparse.Namespace, overrides: list[str]) -> None:
     """Denoiser calls of a 4 alpha x 3 layer-set sweep at start 0.3 on the toy model, against
     the naive count (every configuration generating its base and steered images whole)."""
     with tempfile.TemporaryDirectory() as root:
-        common = [f"paths.root={root}", "model=toy", "stages=[steer,evaluate]", *overrides]
+        common = [f"paths.root={root}", "model=toy", *overrides]
         run(compose_config([*common, "stages=[collect,localize]"]), Path(root) / "localize")
         calls, configs = [], [(a, k) for k in (1, 3, 5) for a in (5, 10, 15, 30)]
         for alpha, k in configs:
             out = Path(root) / f"alpha{alpha}-k{k}"
-            run(compose_config([*common, f"steer.alpha={alpha}", f"layers.k={k}"]), out)
+            run(compose_config([*common, "stages=[steer,evaluate]", f"steer.alpha={alpha}",
+                                f"layers.k={k}"]), out)
             calls.append(json.loads((out / "metrics.json").read_text())["denoiser_calls"])
         cfg = compose_config(common)
         batches = -(-cfg.eval.n_images_per_prompt * len(cfg.concept.eval_prompts)
@@ -290,7 +321,7 @@ def bench_sweep(args: argparse.Namespace, overrides: list[str]) -> None:
     goal = (start / cfg.model.steps) + len(configs) * (1 - start / cfg.model.steps)
     print(f"sweep: toy, {len(configs)} configurations (alpha 5/10/15/30 x layers.k 1/3/5), "
           f"start {cfg.steer.start} (step {start} of {cfg.model.steps}), {batches} batches per "
-          f"image set\n  denoiser calls in steer: {steer_calls} = base {whole / whole:.0f} + "
+          f"image set\n  denoiser calls in steer: {steer_calls} = base 1 + "
           f"steered {steered / whole:.2f} image-set equivalents (goal <= {goal:.2f}); naive "
           f"{2 * len(configs) * whole} ({2 * len(configs)} equivalents), with the base images "
           f"shared {(len(configs) + 1) * whole}: {steer_calls / (2 * len(configs) * whole):.2f} "

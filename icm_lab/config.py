@@ -35,6 +35,6 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """The config that `python -m icm_lab OVERRIDES` would run with, from this directory."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=list(overrides))
-    if not any(o.startswith("paths.root=") for o in overrides):
+    if not any(o.lstrip("+").startswith("paths.root=") for o in overrides):
         cfg.paths.root = str(Path.cwd())  # what ${hydra:runtime.cwd} gives a run
     return cfg

@@ -90,7 +90,8 @@ def explicit_swap_comparison(swap: pd.DataFrame, implicit: pd.DataFrame, path: P
     return path
 
 
-GRID_TILE = 128  # pixels per image in a before/after grid: small images are scaled up, sharp
+GRID_TILE = 128  # pixels per image in a before/after grid: small images scaled up sharp (nearest),
+# large ones down smoothly (Lanczos)
 HIT, MISS = (0, 150, 0), (200, 0, 0)
 
 
@@ -101,11 +102,14 @@ def before_after_grid(before_images: list[Path], after_images: list[Path], befor
     not. Drawn with PIL alone: a plotting library would cost as much as the rest of a toy run."""
     tile, pad, caption, margin = GRID_TILE, 6, 30, 70
     font = ImageFont.load_default(size=12)
-    width = margin + len(before_images) * (tile + pad)
+    title_font = ImageFont.load_default(size=14)
+    key = "frame: green = shows its target, red = does not"
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    heading = measure.textlength(title, font=title_font) + 3 * pad + measure.textlength(key, font)
+    width = max(margin + len(before_images) * (tile + pad), int(heading))
     grid = Image.new("RGB", (width, 28 + 2 * (tile + caption + pad)), "white")
     draw = ImageDraw.Draw(grid)
-    draw.text((pad, 6), title, fill="black", font=ImageFont.load_default(size=14))
-    key = "frame: green = shows its target, red = does not"
+    draw.text((pad, 6), title, fill="black", font=title_font)
     draw.text((width - pad - draw.textlength(key, font=font), 8), key, fill="black", font=font)
     rows = ((before_images, before, [""] * len(before)), (after_images, after, targets))
     for row, (paths, labels, aims) in enumerate(rows):
@@ -114,7 +118,9 @@ def before_after_grid(before_images: list[Path], after_images: list[Path], befor
         for i, (image_path, label, aim) in enumerate(zip(paths, labels, aims, strict=True)):
             left = margin + i * (tile + pad)
             image = Image.open(image_path).convert("RGB")
-            grid.paste(image.resize((tile, tile), Image.Resampling.NEAREST), (left, top))
+            smooth = image.width > tile
+            resample = Image.Resampling.LANCZOS if smooth else Image.Resampling.NEAREST
+            grid.paste(image.resize((tile, tile), resample), (left, top))
             if aim:
                 colour = HIT if label == aim else MISS
                 draw.rectangle((left - 3, top - 3, left + tile + 2, top + tile + 2),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,6 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from icm_lab.artefacts import artefact_lock
 from icm_lab.hooks import DenoiserHooks, Intervention
 from icm_lab.models.layers import LayerRegistry
 from icm_lab.models.loading import ModelSpec
@@ -64,12 +64,12 @@ class Prefix:
         return load_file(path)["latents"] if path.exists() else None
 
     def save(self, start: int, stop: int, latents: torch.Tensor) -> None:
-        """Atomically, under the artefact's lock: concurrent jobs never see half a file."""
+        """Atomically: concurrent jobs (which compute the same bytes) never see half a file."""
         path = self.path(start, stop)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        handle, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(handle)
         save_file({"latents": latents.detach().cpu().contiguous()}, tmp)
-        with artefact_lock(self.root):
-            os.replace(tmp, path)
+        os.replace(tmp, path)
 
 
 class _PrefixCallback:
@@ -86,10 +86,11 @@ class _PrefixCallback:
         if self.cached is None:
             self.latents = latents.clone()
             return {}
-        if self.cached.shape != latents.shape:
-            raise ValueError(f"cached prefix latents have shape {tuple(self.cached.shape)}, "
-                             f"the generation {tuple(latents.shape)}")
-        return {"latents": self.cached.to(latents.device, latents.dtype)}
+        if self.cached.shape != latents.shape or self.cached.dtype != latents.dtype:
+            raise ValueError(f"cached prefix latents are {self.cached.dtype} "
+                             f"{tuple(self.cached.shape)}, the generation's {latents.dtype} "
+                             f"{tuple(latents.shape)}: not the same generation")
+        return {"latents": self.cached.to(latents.device)}  # a copy, exact
 
 
 @dataclass
@@ -101,6 +102,27 @@ class Generator:
     registry: LayerRegistry
     spec: ModelSpec
     calls: int = field(default=0, init=False)
+    _refusal_logged: bool = field(default=False, init=False, repr=False)
+
+    def usable(self, prefix: Prefix | None, interventions: Sequence[Intervention] = ()
+               ) -> Prefix | None:
+        """`prefix`, or None (with a warning, once) when this pipeline's scheduler keeps
+        state between steps. Steering inside the prefix is refused: it would not be shared."""
+        if prefix is None:
+            return None
+        early = [i.layer for i in interventions if i.start < prefix.step]
+        if early:
+            raise ValueError(f"interventions on {early} start before the cached prefix "
+                             f"ends (step {prefix.step})")
+        return prefix if self.caches_prefixes() else None
+
+    def caches_prefixes(self) -> bool:
+        """Whether generations can continue from cached latents (a warning, once, if not)."""
+        refusal = prefix_refusal(self.pipeline)
+        if refusal and not self._refusal_logged:
+            log.warning("prefix cache off: %s", refusal)
+            self._refusal_logged = True
+        return refusal is None
 
     def batch(self, prompts: Sequence[str], seeds: Sequence[int],
               interventions: Sequence[Intervention] = (), record: Sequence[str] = (),
@@ -113,10 +135,11 @@ class Generator:
         # CPU generators make the initial noise identical on every device.
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         kwargs = self.spec.pipeline_kwargs()
+        prefix = self.usable(prefix, interventions)
         stop = first + len(prompts)
-        cached = prefix.load(first, stop) if prefix else None
-        if prefix:
-            callback = _PrefixCallback(prefix.step, cached)
+        cached = prefix.load(first, stop) if prefix is not None else None
+        callback = _PrefixCallback(prefix.step, cached) if prefix is not None else None
+        if callback is not None:
             kwargs |= dict(callback_on_step_end=callback,
                            callback_on_step_end_tensor_inputs=["latents"])
         skip = prefix.step if cached is not None else 0
@@ -125,7 +148,10 @@ class Generator:
             images = self.pipeline(prompt=list(prompts), generator=generators,
                                    output_type="pil", **kwargs).images
         self.calls += hooks.calls
-        if prefix and cached is None:
+        if callback is not None and cached is None:
+            if callback.latents is None:
+                raise RuntimeError(f"the generation never reached step {prefix.step}, where "
+                                   "its prefix ends")
             prefix.save(first, stop, callback.latents)
         return images, (hooks.recording() if record else {})
 
@@ -134,15 +160,7 @@ class Generator:
             prefix: Prefix | None = None) -> list[Image.Image]:
         """All samples, in batches of `model.batch_size`, with a progress bar. With `prefix`,
         each batch continues from its cached prefix, or writes it while passing through."""
-        if prefix is not None:
-            early = [i.layer for i in interventions if i.start < prefix.step]
-            if early:
-                raise ValueError(f"interventions on {early} start before the cached prefix "
-                                 f"ends (step {prefix.step})")
-            refusal = prefix_refusal(self.pipeline)
-            if refusal:
-                log.warning("prefix cache off: %s", refusal)
-                prefix = None
+        prefix = self.usable(prefix, interventions)
         size = self.spec.batch_size
         images: list[Image.Image] = []
         starts = range(0, len(prompts), size)

@@ -1,11 +1,12 @@
 """One hook engine to read (record) and write (add) layer outputs while a pipeline denoises.
 
-The engine never counts module calls. A pre-hook on the denoiser reads the timestep the pipeline
-passes to it and looks its index up in the scheduler's timesteps, so the step is right for any
-step count, with or without classifier-free guidance (CFG), and for samplers that call the
-denoiser more than once per step. The same pre-hook reads `pipe.do_classifier_free_guidance` to
-know whether the batch is CFG-doubled, `[uncond | cond]` in diffusers, and so which rows are the
-conditional half. The argument names and the half order come from the model's adapter.
+The engine never counts module calls to know the step. A pre-hook on the denoiser reads the
+timestep the pipeline passes to it and looks its index up in the scheduler's timesteps, so the
+step is right for any step count, with or without classifier-free guidance (CFG), and for
+samplers that call the denoiser more than once per step. The same pre-hook reads
+`pipe.do_classifier_free_guidance` to know whether the batch is CFG-doubled, `[uncond | cond]`
+in diffusers, and so which rows are the conditional half. The argument names and the half
+order come from the model's adapter.
 
     with DenoiserHooks(pipe, registry, record=names, interventions=[AddVector(...)]) as hooks:
         images = pipe(prompts, ...).images
@@ -192,6 +193,7 @@ class DenoiserHooks:
             registry[intervention.layer]  # unknown layer: a clear error now, not mid-generation
         self.state = StepState(cond_last=self.adapter.cond_half_last)
         self.gate = _DenoiserGate(self.state, skip_before, self.net.config)
+        self._gate_name = f"icm_lab.denoiser_gate.{id(self)}"  # nested engines each have one
         self._signature = inspect.signature(self.net.forward)
         self._timesteps: tuple[int, torch.Tensor] | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -220,7 +222,8 @@ class DenoiserHooks:
         self._handles.append(
             self.net.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True)
         )
-        HookRegistry.check_if_exists_or_initialize(self.net).register_hook(self.gate, GATE)
+        HookRegistry.check_if_exists_or_initialize(self.net).register_hook(self.gate,
+                                                                           self._gate_name)
         # Interventions first, so a layer that is both steered and recorded records its output
         # after steering.
         for intervention in self.interventions:
@@ -237,8 +240,11 @@ class DenoiserHooks:
             handle.remove()
         self._handles.clear()
         registry = getattr(self.net, "_diffusers_hook", None)
-        if registry is not None and registry.get_hook(GATE) is not None:
-            registry.remove_hook(GATE, recurse=False)
+        if registry is not None and registry.get_hook(self._gate_name) is self.gate:
+            registry.remove_hook(self._gate_name, recurse=False)
+            if not registry.hooks:  # leave the module as it was: no registry, class forward
+                del self.net._diffusers_hook
+                self.net.__dict__.pop("forward", None)
 
     # -- step tracking ---------------------------------------------------------------------
     def _on_denoiser_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -299,9 +305,6 @@ class DenoiserHooks:
             layer.name: stacked[:, :, widths[i] : widths[i + 1]]
             for i, layer in enumerate(self.record_layers)
         }
-
-
-GATE = "icm_lab.denoiser_gate"
 
 
 class _DenoiserGate(ModelHook):

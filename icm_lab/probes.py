@@ -120,12 +120,18 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float = 1.0,
     the whole team waits on it (measured 3.6x slower than one thread at load 3 on 2 cores;
     BENCHMARKS.md). Workers that never wait for each other degrade gracefully instead."""
     t = targets(y, n_classes)
-    workers = 1 if x.is_cuda else min(workers or torch.get_num_threads(), len(x))
+    workers = 1 if x.is_cuda else max(1, min(workers or torch.get_num_threads(), len(x)))
     bounds = np.linspace(0, len(x), workers + 1).round().astype(int)
     parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    with single_threaded(workers > 1), ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(
-            lambda part: _fit_logreg_part(x[part], t, C, max_iter, tol, chunk_mb), parts))
+
+    def fit(part: slice) -> tuple[ProbeFit, int]:
+        return _fit_logreg_part(x[part], t, C, max_iter, tol, chunk_mb)
+
+    if workers == 1:
+        results = [fit(parts[0])]
+    else:
+        with single_threaded(), ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(fit, parts))
     unconverged = sum(busy for _, busy in results)
     if unconverged:
         log.warning("logreg: %d of %d probes did not reach tol=%g within max_iter=%d; raise "
@@ -134,11 +140,11 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float = 1.0,
 
 
 @contextmanager
-def single_threaded(active: bool = True) -> Iterator[None]:
-    """torch at one intra-op thread for the block (when `active`), then as before."""
+def single_threaded() -> Iterator[None]:
+    """torch at one intra-op thread for the block, then as before. The setting is the process's:
+    not for blocks that overlap in several threads."""
     threads = torch.get_num_threads()
-    if active:
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
@@ -308,14 +314,18 @@ class Probe:
     where and in what batches it fits."""
 
     def __init__(self, name: str, device: str = "auto", batch_mb: float = 1024,
-                 **options: object):
-        check_options(name, options)
+                 workers: int | None = None, **options: object):
+        """`options` decide the fit (and so the probe set's fingerprint); `device`, `batch_mb`
+        and `workers` (logreg's CPU threads) only where and how fast it runs."""
+        check_options(name, {**options, "workers": workers})
         if not (isinstance(batch_mb, int | float) and batch_mb > 0):
             raise ConfigError(f"probe.batch_mb={batch_mb!r} must be a positive number")
         self.name, self.device, self.batch_mb, self.options = name, device, batch_mb, options
+        self.workers = workers
 
     def fit(self, x: torch.Tensor, y: torch.Tensor, n_classes: int) -> ProbeFit:
-        return fit_probes(self.name, x, y, n_classes, **self.options)
+        speed = {"workers": self.workers} if self.name == "logreg" else {}
+        return fit_probes(self.name, x, y, n_classes, **self.options, **speed)
 
 
 # -- scores ----------------------------------------------------------------------------------

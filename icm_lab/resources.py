@@ -14,6 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import DiffusionPipeline
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -70,12 +71,15 @@ class Resources:
     def prefix(self, prompts: Sequence[str], seeds: Sequence[int], step: int | None
                ) -> Prefix | None:
         """The cache of the first `step` unsteered steps of these samples, shared by every run
-        that generates them (None for a generation steered from its first step)."""
-        if not step:
+        that generates them on the same kind of device and dtype (None for a generation steered
+        from its first step, or a scheduler whose state is more than the latents)."""
+        if not step or not self.generator.caches_prefixes():
             return None
+        device = self.pipeline.device
         provenance = Provenance("prefix", self.model.name, self.concept.name, fingerprint(
             model=self.model_identity(), prompts=list(prompts), seeds=[int(s) for s in seeds],
-            step=step))
+            step=step, dtype=str(self.pipeline.dtype), device=device.type,
+            device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None))
         return Prefix(self.artefact_dir(provenance), step)
 
     @cached_property

@@ -154,6 +154,17 @@ def test_hooks_are_removed_on_exceptions(tiny):
         with DenoiserHooks(pipe, registry, record=registry.names(), interventions=[bad]):
             generate(pipe, cfg, steps=2, guidance=5.0)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
+    assert "forward" not in pipe.unet.__dict__ and not hasattr(pipe.unet, "_diffusers_hook")
+
+
+def test_nested_engines_count_their_own_calls_and_leave_no_trace(tiny):
+    pipe, registry, cfg = tiny("tiny_sd15")
+    with DenoiserHooks(pipe, registry) as outer:
+        with DenoiserHooks(pipe, registry, record=registry.names("attn1")[:1]) as inner:
+            generate(pipe, cfg, steps=3, guidance=5.0)
+        generate(pipe, cfg, steps=2, guidance=5.0)
+    assert (outer.calls, inner.calls) == (5, 3)
+    assert "forward" not in pipe.unet.__dict__ and not hasattr(pipe.unet, "_diffusers_hook")
 
 
 def test_intervention_rejects_bad_vectors(tiny):

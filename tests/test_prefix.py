@@ -11,6 +11,8 @@ from diffusers import DPMSolverMultistepScheduler
 
 from icm_lab.generation import Generator, Prefix
 from icm_lab.hooks import AddVector
+from icm_lab.resources import Resources
+from tests.conftest import make_config
 
 N, STEPS = 3, 10
 
@@ -34,7 +36,8 @@ def steering(generator: Generator, start: int) -> list[AddVector]:
     return [AddVector(layer, vectors, start=start)]
 
 
-@pytest.mark.parametrize("name", ["toy", "tiny_sd15", "tiny_sana"])
+@pytest.mark.parametrize("name", ["toy", pytest.param("tiny_sd15", marks=pytest.mark.slow),
+                                  pytest.param("tiny_sana", marks=pytest.mark.slow)])
 def test_continuing_from_the_cached_prefix_is_bit_identical(name, tiny, tmp_path):
     generator = generator_for(tiny, name)
     prompts, seeds, start = ["a circle"] * N, [3, 4, 5], 3
@@ -81,3 +84,18 @@ def test_steering_inside_the_prefix_is_refused(tiny, tmp_path):
     with pytest.raises(ValueError, match="start before the cached prefix ends"):
         generator.all(["a photo of a person"] * N, [0, 1, 2], steering(generator, 2),
                       prefix=Prefix(tmp_path, 3))
+
+
+def test_the_prefix_key_holds_everything_the_latents_depend_on(tiny, tmp_path):
+    pipe, _, _ = tiny("tiny_sd15")
+
+    def prefix(*overrides: str, seeds=(0, 1), step=3):
+        cfg = make_config(f"paths.root={tmp_path}", *overrides)
+        return Resources(cfg, tmp_path / "run", pipeline=pipe).prefix(["a", "a"], seeds, step)
+
+    same = prefix().root
+    assert prefix().root == same and prefix().step == 3
+    others = {prefix("model.guidance=3").root, prefix("model.batch_size=1").root,
+              prefix(seeds=(0, 2)).root, prefix(step=4).root, prefix("model.steps=30").root}
+    assert len(others) == 5 and same not in others
+    assert prefix(step=0) is None  # steered from the first step: nothing to share

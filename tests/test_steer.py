@@ -233,8 +233,9 @@ def test_a_sweep_computes_the_unsteered_prefix_once(localized):
     root, _ = localized
     overrides = ("stages=[steer,evaluate]", "eval.n_images_per_prompt=2")  # a fresh base set
     cfg = make_config(f"paths.root={root}", *SMALL, *overrides)
-    batches = -(-12 * 2 // cfg.model.batch_size)
-    start = step_window(cfg.steer.start, None, 8).start
+    steps = cfg.model.steps
+    batches = -(-len(cfg.concept.eval_prompts) * 2 // cfg.model.batch_size)
+    start = step_window(cfg.steer.start, None, steps).start
     calls = []
     for alpha in (5, 15):
         run(make_config(f"paths.root={root}", *SMALL, *overrides, f"steer.alpha={alpha}"),
@@ -242,5 +243,5 @@ def test_a_sweep_computes_the_unsteered_prefix_once(localized):
         metrics = json.loads((root / f"sweep_{alpha}" / "metrics.json").read_text())
         calls.append(metrics["denoiser_calls"])
     reused = {"collect": 0, "localize": 0}  # artefacts from the fixture's run
-    assert calls[0] == {**reused, "steer": batches * 8 + batches * (8 - start)}
-    assert calls[1] == {**reused, "steer": batches * (8 - start)}
+    assert calls[0] == {**reused, "steer": batches * steps + batches * (steps - start)}
+    assert calls[1] == {**reused, "steer": batches * (steps - start)}

@@ -82,9 +82,9 @@ def steer(res: Resources, cfg: SteerConfig, method: SteeringMethod, per_prompt: 
     probes and selected layers to methods that use them."""
     concept = res.concept
     plan = eval_plan(concept.eval_prompts, per_prompt, seed)
-    # Methods with probes add vectors from the window's start: their runs share that prefix.
+    # Every method that adds vectors starts at the window's start: its runs share that prefix.
     window = step_window(cfg.start, cfg.end, res.model.steps)
-    base, base_root = base_images(res, plan, window.start if method.uses_probes else None)
+    base, base_root = base_images(res, plan, window.start)
     targets = plan_targets(concept.classes, concept.target, cfg.policy, seed, plan, base)
     steer_plan = make_plan(res, cfg, method, seed, localization, plan, targets)
     if steer_plan.edits:
