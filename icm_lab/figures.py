@@ -92,18 +92,18 @@ def explicit_swap_comparison(swap: pd.DataFrame, implicit: pd.DataFrame, path: P
 
 GRID_TILE = 128  # pixels per image in a before/after grid: small images scaled up sharp (nearest),
 # large ones down smoothly (Lanczos)
-HIT, MISS = (0, 150, 0), (200, 0, 0)
+FRAME = (40, 40, 40)  # no hue: the images' own colours may be what is steered
 
 
 def before_after_grid(before_images: list[Path], after_images: list[Path], before: list[str],
                       after: list[str], targets: list[str], title: str, path: Path) -> Path:
     """Two rows, same seeds: unsteered above, steered below, each labelled with its class; a
-    steered image also with its target, framed green where it shows the target and red where
-    not. Drawn with PIL alone: a plotting library would cost as much as the rest of a toy run."""
+    steered image also with its target, framed where it shows the target ("missed" where
+    not). Drawn with PIL alone: about 20 ms a grid (BENCHMARKS.md), no plotting library."""
     tile, pad, caption, margin = GRID_TILE, 6, 30, 70
     font = ImageFont.load_default(size=12)
     title_font = ImageFont.load_default(size=14)
-    key = "frame: green = shows its target, red = does not"
+    key = "framed: the steered image shows its target"
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     heading = measure.textlength(title, font=title_font) + 3 * pad + measure.textlength(key, font)
     width = max(margin + len(before_images) * (tile + pad), int(heading))
@@ -122,10 +122,10 @@ def before_after_grid(before_images: list[Path], after_images: list[Path], befor
             resample = Image.Resampling.LANCZOS if smooth else Image.Resampling.NEAREST
             grid.paste(image.resize((tile, tile), resample), (left, top))
             if aim:
-                colour = HIT if label == aim else MISS
-                draw.rectangle((left - 3, top - 3, left + tile + 2, top + tile + 2),
-                               outline=colour, width=3)
-                label = f"{label}\n(target {aim})"
+                if label == aim:
+                    draw.rectangle((left - 3, top - 3, left + tile + 2, top + tile + 2),
+                                   outline=FRAME, width=3)
+                label = f"{label}\n(target {aim}{'' if label == aim else ', missed'})"
             draw.multiline_text((left, top + tile + 3), label, fill="black", font=font,
                                 spacing=1)
     grid.save(path)

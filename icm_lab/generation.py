@@ -164,6 +164,10 @@ class Generator:
         size = self.spec.batch_size
         images: list[Image.Image] = []
         starts = range(0, len(prompts), size)
+        if prefix is not None:
+            cached = sum(prefix.path(s, min(s + size, len(prompts))).exists() for s in starts)
+            log.info("%s: %d of %d batches continue from the cached prefix (steps 0-%d) in %s",
+                     desc, cached, len(starts), prefix.step - 1, prefix.root)
         for start in tqdm(starts, desc=desc, unit="batch", disable=len(starts) < 2):
             stop = start + size
             rows = [intervention.rows(start, stop) for intervention in interventions]

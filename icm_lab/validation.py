@@ -51,6 +51,8 @@ def validate(cfg: DictConfig) -> None:
     unknown = [stage for stage in cfg.stages if stage not in STAGES]
     if unknown or not cfg.stages:
         raise choices_error("stages", list(cfg.stages), STAGES)
+    if not (isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**31):
+        raise ConfigError(f"seed={cfg.seed!r} must be an integer in [0, 2**31)")  # numpy's range
     sections = {name: section(cfg, name) for name in SECTIONS}
     model: ModelSpec = build(cfg.model, "model")
     method: SteeringMethod = build(cfg.method, "method")

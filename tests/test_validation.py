@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 REFUSED = [  # (overrides, what the one line must say)
     (["model=sd14"], "model='sd14' is not valid; choose one of ["),
+    (["seed=-1"], "seed=-1 must be an integer in [0, 2**31)"),
     (["concept=hair_colour"], "concept='hair_colour' is not valid; choose one of ["),
     (["method=icmm"], "method='icmm' is not valid; choose one of ["),
     (["probe=svm"], "probe='svm' is not valid; choose one of ["),

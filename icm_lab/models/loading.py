@@ -107,7 +107,7 @@ class ModelSpec:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
         try:
-            return pipe_cls.from_pretrained(self.pretrained, torch_dtype=dtype, **kwargs)
+            return pipe_cls.from_pretrained(self.pretrained, dtype=dtype, **kwargs)
         except (OSError, ValueError) as error:
             raise ModelLoadError(
                 f"could not load model {self.name!r} from {self.pretrained!r}: "

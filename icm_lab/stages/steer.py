@@ -182,11 +182,12 @@ def draw_grids(result: SteerResult, per_grid: int = 8) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for prompt_id, rows in result.table.groupby("prompt_id"):
-        rows = rows.head(per_grid)
+        shown = rows.head(per_grid)
         path = out / f"prompt_{prompt_id:03d}.png"
         before_after_grid(
-            *result.image_paths(rows),
-            before=list(rows["base_label"]), after=list(rows["label"]),
-            targets=list(rows["target"]), title=rows["prompt"].iloc[0], path=path)
+            *result.image_paths(shown),
+            before=list(shown["base_label"]), after=list(shown["label"]),
+            targets=list(shown["target"]), path=path,
+            title=f"{rows['prompt'].iloc[0]} (first {len(shown)} of {len(rows)} images)")
         paths.append(path)
     return paths
