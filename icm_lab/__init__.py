@@ -1,8 +1,15 @@
 """icm_lab: find where text-to-image diffusion models make implicit choices, and change them."""
 
+import os
 from pathlib import Path
 
-from omegaconf import OmegaConf
+# Before torch loads GNU OpenMP: its threads spin this many times at a barrier before they sleep
+# (300,000 by default). On a shared machine a spinning team waits on a descheduled member: toy
+# generation of 64 images took 15.6 s beside 3 busy processes, 7.3 s with 30,000, and the same
+# 1.7 s either way on an idle machine (BENCHMARKS.md). A user's own setting wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+
+from omegaconf import OmegaConf  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -8,6 +8,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 
+import icm_lab  # noqa: E402, F401  (first: it sets OpenMP's spin count before torch loads)
+
+# isort: split
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from wandb.proto import wandb_internal_pb2  # noqa: E402
