@@ -5,8 +5,8 @@ from pathlib import Path
 
 # Before torch loads GNU OpenMP: its threads spin this many times at a barrier before they sleep
 # (300,000 by default). On a shared machine a spinning team waits on a descheduled member: toy
-# generation of 64 images took 15.6 s beside 3 busy processes, 7.3 s with 30,000, and the same
-# 1.7 s either way on an idle machine (BENCHMARKS.md). A user's own setting wins.
+# generation of 64 images took 19.1 s beside 3 busy processes, 7.9 s with 30,000, and the same
+# 1.7 s either way on an idle machine (`make bench`, BENCHMARKS.md). A user's setting wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
 from omegaconf import OmegaConf  # noqa: E402

@@ -340,6 +340,46 @@ def bench_store(args: argparse.Namespace, overrides: list[str]) -> None:
           "activation; localize then reads each once)", flush=True)
 
 
+SPIN_PROBE = """
+import sys, time
+from icm_lab.config import compose_config
+from icm_lab.generation import Generator
+from icm_lab.models.adapters import layer_registry
+from icm_lab.validation import build
+spec = build(compose_config(["model=toy"]).model, "model")
+pipe = spec.load()
+generator = Generator(pipe, layer_registry(pipe, spec.resolution), spec)
+generator.all(["a circle"] * 8, list(range(8)))  # warm-up
+start = time.perf_counter()
+generator.all(["a circle"] * 64, list(range(64)))
+print(time.perf_counter() - start)
+"""
+
+
+def bench_openmp(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Toy generation (64 images) with GNU OpenMP's default spin count against the one
+    `icm_lab/__init__.py` sets, idle and beside `--load` busy processes. Each side is a fresh
+    process: the spin count is read when torch loads OpenMP."""
+    for load in sorted({0, args.load or 3}):
+        competing = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                     for _ in range(load)]
+        try:
+            seconds = {}
+            for spin in ("300000", "30000"):  # libgomp's default, then icm_lab's
+                env = {**os.environ, "GOMP_SPINCOUNT": spin}
+                out = subprocess.run([sys.executable, "-c", SPIN_PROBE], env=env, text=True,
+                                     capture_output=True, check=True).stdout
+                seconds[spin] = float(out.split()[-1])
+            print(f"openmp: toy, 64 images, {load} busy processes, {machine()}\n  "
+                  f"GOMP_SPINCOUNT 300000 (default) {seconds['300000']:.2f} s, 30000 "
+                  f"(icm_lab) {seconds['30000']:.2f} s: "
+                  f"{seconds['300000'] / seconds['30000']:.2f}x", flush=True)
+        finally:
+            for process in competing:
+                process.kill()
+                process.wait()
+
+
 def _report(name: str, setting: str, base: float, variant: float, base_median: float,
             variant_median: float, target: float) -> None:
     overhead = variant / base - 1
@@ -351,7 +391,7 @@ def _report(name: str, setting: str, base: float, variant: float, base_median: f
 
 
 BENCHMARKS = {"record": bench_record, "steer": bench_steer, "probes": bench_probes,
-              "sweep": bench_sweep, "store": bench_store}
+              "sweep": bench_sweep, "store": bench_store, "openmp": bench_openmp}
 
 
 def main() -> None:
