@@ -117,8 +117,9 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float = 1.0,
     On the CPU, `workers` threads (default: torch's thread count) each fit a contiguous share of
     the probes with one torch thread. Solving is hundreds of small operations per chunk, and a
     team of OpenMP threads meets at a barrier after each: when another process holds a core,
-    the whole team waits on it (measured 3.6x slower than one thread at load 3 on 2 cores;
-    BENCHMARKS.md). Workers that never wait for each other degrade gracefully instead."""
+    the whole team waits on it (3.6x slower than one thread at load 3 on 2 cores in a
+    throwaway script; BENCHMARKS.md). Workers that never wait for each other degrade
+    gracefully instead."""
     t = targets(y, n_classes)
     workers = 1 if x.is_cuda else max(1, min(workers or torch.get_num_threads(), len(x)))
     bounds = np.linspace(0, len(x), workers + 1).round().astype(int)

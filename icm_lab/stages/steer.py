@@ -86,7 +86,7 @@ def steer(res: Resources, cfg: SteerConfig, method: SteeringMethod, per_prompt: 
     window = step_window(cfg.start, cfg.end, res.model.steps)
     base, base_root = base_images(res, plan, window.start)
     targets = plan_targets(concept.classes, concept.target, cfg.policy, seed, plan, base)
-    steer_plan = make_plan(res, cfg, method, seed, localization, plan, targets)
+    steer_plan = make_plan(res, cfg, method, seed, localization, plan, targets, window)
     if steer_plan.edits:
         log.info("steer: %s, alpha %s, steps %d-%d, layers %s", method, steer_plan.alpha,
                  steer_plan.start, steer_plan.end - 1, steer_plan.layers)
@@ -114,10 +114,10 @@ def steer(res: Resources, cfg: SteerConfig, method: SteeringMethod, per_prompt: 
 
 def make_plan(res: Resources, cfg: SteerConfig, method: SteeringMethod, seed: int,
               localization: Localization | None, plan: pd.DataFrame,
-              targets: np.ndarray) -> SteerPlan:
-    """The method's layers and directions, the targets and prompts, as a SteerPlan."""
+              targets: np.ndarray, window: range) -> SteerPlan:
+    """The method's layers and directions, the targets and prompts, as a SteerPlan; vectors
+    are added at the steps of `window`."""
     concept, n_steps = res.concept, res.model.steps
-    window = step_window(cfg.start, cfg.end, n_steps)
     edits, probe_set = [], None
     if method.uses_probes:
         probes = localization.probes
