@@ -257,11 +257,11 @@ def _race_logreg(layers: list[torch.Tensor], y: torch.Tensor, train: torch.Tenso
     _sync()
     wall, cpu = time.perf_counter(), time.process_time()
     balanced = []
-    for x in layers:
-        probes = x.to(device).permute(1, 0, 2)  # [steps, n, width]
-        fit = fit_probes("logreg", probes[:, train], y[train].to(device), 2, tol=tol,
+    for x in layers:  # rows gathered in the store's layout, as localize does
+        x = x.to(device)
+        fit = fit_probes("logreg", x[train].transpose(0, 1), y[train].to(device), 2, tol=tol,
                          workers=workers)
-        logits = fit.logits(probes[:, test])
+        logits = fit.logits(x[test].transpose(0, 1))
         balanced.append(scores(logits, y[test].to(device), 2)["balanced_accuracy"].cpu())
     _sync()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu

@@ -127,14 +127,12 @@ def fit_all_layers(probe: Probe, store: ActivationStore, decided: np.ndarray, y:
     y_test = torch.as_tensor(y[test], device=device)
     fits, mean_diffs, tables = {}, {}, []
     for batch in tqdm(_layer_batches(store, probe.batch_mb), desc="localize", unit="batch"):
-        # One read of each layer's array: [N, S, W] float16 -> probes [L * S, n, W].
-        x = torch.from_numpy(np.stack([store[layer.name][decided] for layer in batch]))
-        x = x.to(device).permute(0, 2, 1, 3).reshape(-1, len(decided), batch[0].width)
-        x_train = x[:, train]
+        x_train = _probes(store, batch, decided[train], device)
         fit = probe.fit(x_train, y_train, n_classes)
         mean_diff = fit if probe.name == "mean_diff" else fit_probes(  # for steer.direction
             "mean_diff", x_train, y_train, n_classes)
-        result = scores(fit.logits(x[:, test]), y_test, n_classes)
+        result = scores(fit.logits(_probes(store, batch, decided[test], device)), y_test,
+                        n_classes)
         for i, layer in enumerate(batch):
             rows = slice(i * store.n_steps, (i + 1) * store.n_steps)
             fits[layer.name] = fit.rows(rows)
@@ -146,6 +144,16 @@ def fit_all_layers(probe: Probe, store: ActivationStore, decided: np.ndarray, y:
                 "n_train": len(train), "n_test": len(test),
             }))
     return fits, mean_diffs, tables
+
+
+def _probes(store: ActivationStore, batch: list[LayerInfo], rows: np.ndarray,
+            device: torch.device | str) -> torch.Tensor:
+    """The probes `[L * S, n, W]` (float16) of `rows`, read once from each layer's `[N, S, W]`
+    array. Rows are gathered in the store's layout, where each is contiguous: permuting first
+    would copy every activation once more. For one layer the result is a view, which the probe
+    backends convert chunk by chunk."""
+    x = torch.from_numpy(np.stack([store[layer.name][rows] for layer in batch]))  # [L, n, S, W]
+    return x.to(device).transpose(1, 2).reshape(-1, len(rows), batch[0].width)
 
 
 def _layer_batches(store: ActivationStore, batch_mb: float) -> list[list[LayerInfo]]:
