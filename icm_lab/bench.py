@@ -32,12 +32,14 @@ from icm_lab.config import CONFIG_DIR, compose_config
 from icm_lab.hooks import AddVector, DenoiserHooks
 from icm_lab.models.adapters import layer_registry
 from icm_lab.probes import (
+    _fit_logreg_chunk,
     _matvec,
     _rmatvec,
     fit_probes,
     scores,
     single_threaded,
     standardised_chunks,
+    targets,
 )
 from icm_lab.runner import run
 from icm_lab.selection import step_window
@@ -299,6 +301,61 @@ def _pass_cost(layers: list[torch.Tensor], train: torch.Tensor) -> None:
           f"runs at {0.4 / copy:.1f} GB/s (read + write)", flush=True)
 
 
+def bench_solvers(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Could another first-order method fit in fewer passes? Iterations per probe (each costs
+    two passes over the data for every method here) of logreg's conjugate gradients against
+    SESOP (Narkiss & Zibulevsky 2005): at every iteration the exact minimum over the span of
+    the gradient and the last `m` steps, found by Newton's method in that small subspace.
+    SESOP-1 contains conjugate gradients' step; a larger m can only do better per iteration."""
+    widths, steps = [320, 640, 1280], 10
+    layers, y = planted_activations(1024, steps, widths)
+    train = torch.randperm(1024, generator=torch.Generator().manual_seed(1))[:819]
+    t = targets(y[train], 2)
+    probes = [z.clone() for x in layers for z, _, _ in
+              standardised_chunks(x[train].transpose(0, 1), chunk_mb=1e-9)]  # one per chunk
+    print(f"solvers: {len(probes)} SD1.5-shaped probes (widths {widths}, {steps} steps each), "
+          f"N={len(train)}, C=1; mean (max) iterations to max |gradient| < tol", flush=True)
+    for tol in (1e-3, 1e-4):
+        counts = {"logreg (conjugate gradients)":
+                  [int(_fit_logreg_chunk(z, t, 1.0, 500, tol)[2].max()) for z in probes]}
+        for m in (1, 8):
+            counts[f"SESOP-{m}"] = [_sesop_iterations(z, t, 1.0, tol, m) for z in probes]
+        for name, count in counts.items():
+            print(f"  tol {tol:g}, {name}: {np.mean(count):.1f} ({max(count)})", flush=True)
+
+
+def _sesop_iterations(z: torch.Tensor, t: torch.Tensor, C: float, tol: float, m: int,
+                      max_iter: int = 500) -> int:
+    """Iterations of SESOP-m on one standardised probe `z: [1, n, W]` (float64 subspace)."""
+    n, W = z.shape[1:]
+    penalty = torch.full((W + 1, 1), 1 / (C * n), dtype=torch.float64)
+    penalty[W] = 0
+    theta, margin = z.new_zeros(1, W + 1, 1), z.new_zeros(1, n, 1)
+    steps: list[torch.Tensor] = []
+    z_steps: list[torch.Tensor] = []
+    for iteration in range(max_iter):
+        grad = torch.cat([_rmatvec(z, torch.sigmoid(margin) - t),
+                          (torch.sigmoid(margin) - t).sum(1, keepdim=True)], 1) / n
+        grad = grad + theta * penalty.float()
+        if grad.abs().max() < tol:
+            return iteration
+        z_grad = _matvec(z, grad[:, :W]) + grad[:, W:]
+        basis = torch.cat([grad, *steps], dim=2)[0].double()  # [W + 1, k]
+        z_basis = torch.cat([z_grad, *z_steps], dim=2)[0].double()  # [n, k]
+        gram = basis.T @ (penalty * basis)
+        offset = basis.T @ (penalty * theta[0].double())
+        alpha = torch.zeros(basis.shape[1], 1, dtype=torch.float64)
+        for _ in range(8):  # Newton in the subspace; the objective is smooth and convex
+            p = torch.sigmoid(margin[0].double() + z_basis @ alpha)
+            g = z_basis.T @ (p - t.double()) / n + offset + gram @ alpha
+            hessian = z_basis.T @ (p * (1 - p) * z_basis) / n + gram
+            alpha = alpha - torch.linalg.lstsq(hessian, g).solution
+        step, z_step = (basis @ alpha).float()[None], (z_basis @ alpha).float()[None]
+        theta, margin = theta + step, margin + z_step
+        steps, z_steps = [step, *steps][:m], [z_step, *z_steps][:m]
+    return max_iter
+
+
 def bench_sweep(args: argparse.Namespace, overrides: list[str]) -> None:
     """Denoiser calls of a 4 alpha x 3 layer-set sweep at start 0.3 on the toy model, against
     the naive count (every configuration generating its base and steered images whole)."""
@@ -391,7 +448,7 @@ def _report(name: str, setting: str, base: float, variant: float, base_median: f
 
 
 BENCHMARKS = {"record": bench_record, "steer": bench_steer, "probes": bench_probes,
-              "sweep": bench_sweep, "store": bench_store, "openmp": bench_openmp}
+              "solvers": bench_solvers, "sweep": bench_sweep, "store": bench_store, "openmp": bench_openmp}
 
 
 def main() -> None:

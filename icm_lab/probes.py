@@ -157,17 +157,18 @@ def _fit_logreg_part(x: torch.Tensor, t: torch.Tensor, C: float, max_iter: int, 
     """Consecutive probes, chunk by chunk: the fit, and how many probes missed `tol`."""
     fits, unconverged = [], 0
     for z, mean, scale in standardised_chunks(x, chunk_mb):
-        theta, busy = _fit_logreg_chunk(z, t.to(z), C, max_iter, tol)
+        theta, busy, _ = _fit_logreg_chunk(z, t.to(z), C, max_iter, tol)
         fits.append(ProbeFit(mean, scale, theta[:, :-1], theta[:, -1]))
         unconverged += int(busy.any(dim=2).sum())
     return ProbeFit.concat(fits), unconverged
 
 
 def _fit_logreg_chunk(z: torch.Tensor, t: torch.Tensor, C: float, max_iter: int,
-                      tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      tol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`theta = [w; b]`, `[P, W + 1, O]` (the unpenalised intercept last), minimising the mean
-    loss + ||w||^2 / 2Cn (sklearn's objective / Cn) for standardised `z: [P, n, W]`, and which
-    probes and outputs, `[P, 1, O]`, had not converged after `max_iter` iterations.
+    loss + ||w||^2 / 2Cn (sklearn's objective / Cn) for standardised `z: [P, n, W]`; which
+    probes and outputs, `[P, 1, O]`, had not converged after `max_iter` iterations; and how
+    many iterations each took (`[P, 1, O]`, for the benchmark).
 
     Each iteration reads z twice (the gradient, then z @ gradient): margins are linear along
     the search direction, so the line search needs no further pass."""
@@ -184,6 +185,7 @@ def _fit_logreg_chunk(z: torch.Tensor, t: torch.Tensor, C: float, max_iter: int,
     theta = z.new_zeros(P, W + 1, t.shape[1])
     margin = z.new_zeros(P, n, t.shape[1])
     busy = torch.ones(P, 1, t.shape[1], dtype=torch.bool, device=z.device)
+    iterations = torch.zeros(busy.shape, dtype=torch.long, device=z.device)
     direction, z_dir = torch.zeros_like(theta), torch.zeros_like(margin)
     previous = torch.zeros_like(theta)
     previous_norm = torch.full(busy.shape, float("inf"), dtype=z.dtype, device=z.device)
@@ -193,6 +195,7 @@ def _fit_logreg_chunk(z: torch.Tensor, t: torch.Tensor, C: float, max_iter: int,
         busy &= grad.abs().amax(dim=1, keepdim=True) >= tol
         if iteration == max_iter or not busy.any():
             break
+        iterations += busy
         z_grad, grad_norm = z_mv(grad), grad.square().sum(dim=1, keepdim=True)
         # Polak-Ribiere+, restarting (beta = 0) at the first iteration and where successive
         # gradients are far from orthogonal (Powell's test, at 0.5: 0.2 restarted too often on
@@ -212,7 +215,7 @@ def _fit_logreg_chunk(z: torch.Tensor, t: torch.Tensor, C: float, max_iter: int,
                                    (penalty * direction * theta).sum(dim=1, keepdim=True),
                                    (penalty * direction.square()).sum(dim=1, keepdim=True))
         theta, margin = theta + step * direction, margin + step * z_dir
-    return theta, busy
+    return theta, busy, iterations
 
 
 def _line_search(margin: torch.Tensor, p: torch.Tensor, z_dir: torch.Tensor, t: torch.Tensor,
