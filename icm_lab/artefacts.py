@@ -1,23 +1,31 @@
-"""Artefact provenance: every artefact records the model and config fingerprint it came from,
-and a reader refuses one that does not match what it expects."""
+"""Artefacts: the stage outputs shared by every run with the same fingerprint.
+
+- Provenance: every artefact records the model and config fingerprint it came from, and a reader
+  refuses one that does not match what it expects.
+- Locks: one job computes an artefact while the others that need it wait.
+- Seals: a finished artefact ends with `manifest.json` (written last) listing its files with
+  sizes and sha256 hashes. A reuse checks every file's size and header, and with
+  `paths.verify=hashes` its hash too; `damage` says which file is wrong and how.
+"""
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from icm_lab.errors import UserError
+from icm_lab.files import write_json
 
-SCHEMA_VERSION = 2  # bump when an artefact layout changes, so old artefacts are not reused
+SCHEMA_VERSION = 3  # bump when an artefact layout changes, so old artefacts are not reused
 
 
 class ArtefactMismatchError(UserError, RuntimeError):
@@ -55,10 +63,8 @@ class Provenance:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary sibling, then rename: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    """Readers see the old file or the new one (`files.atomic`)."""
+    write_json(path, data)
 
 
 _held: dict[Path, int] = {}  # locks this process holds, with their nesting depth
@@ -89,3 +95,126 @@ def artefact_lock(root: Path) -> Iterator[None]:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+# -- seals -----------------------------------------------------------------------------------
+
+MANIFEST = "manifest.json"
+VERIFY_CHOICES = ("sizes", "hashes")
+_PNG_START, _PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
+
+
+def seal(root: Path, skip: tuple[str, ...] = (), known: dict[str, str] | None = None) -> None:
+    """Mark the artefact at `root` finished: every file in it (but temporaries, and the folders
+    `skip` names, about to be removed) with its size and `digest`, in `manifest.json`, written
+    last and atomically. `known`: digests (by relative path) the writer computed as it wrote,
+    so that sealing reads none of those files again."""
+    root, known = Path(root), known or {}
+    files = {}
+    for path in sorted(root.rglob("*")):
+        name = str(path.relative_to(root))
+        if (path.is_file() and path.name != MANIFEST and not path.name.endswith(".tmp")
+                and path.relative_to(root).parts[0] not in skip):
+            files[name] = {"size": path.stat().st_size,
+                           "sha256": known[name] if name in known else digest(path)}
+    write_json(root / MANIFEST, {"files": files})
+
+
+def is_sealed(root: Path) -> bool:
+    return (Path(root) / MANIFEST).is_file()
+
+
+def damage(root: Path, hashes: bool = False) -> list[str]:
+    """What is wrong with the sealed artefact at `root`, one line per file: missing, another
+    size than sealed (truncated or grown), an unreadable header, or (with `hashes`) other
+    content. Empty when intact."""
+    root = Path(root)
+    try:
+        files = json.loads((root / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError) as error:
+        return [f"{root / MANIFEST}: unreadable ({error})"]
+    found = []
+    for name, sealed in files.items():
+        path = root / name
+        if not path.is_file():
+            found.append(f"{path}: missing")
+        elif (size := path.stat().st_size) != sealed["size"]:
+            found.append(f"{path}: {size} bytes, sealed with {sealed['size']} (truncated or "
+                         "altered)")
+        elif problem := header_problem(path):
+            found.append(f"{path}: {problem}")
+        elif hashes and digest(path) != sealed["sha256"]:
+            found.append(f"{path}: content differs from when it was sealed (sha256)")
+    return found
+
+
+def header_problem(path: Path) -> str | None:
+    """Why the file's header (by its suffix) does not describe a whole file, or None."""
+    try:
+        with open(path, "rb") as f:
+            size = path.stat().st_size
+            if path.suffix == ".npy":
+                shape, dtype = _read_npy_header(f)
+                expected = f.tell() + int(np.prod(shape)) * dtype.itemsize
+            elif path.suffix == ".safetensors":
+                length = int.from_bytes(f.read(8), "little")
+                if not 0 < length <= size - 8:
+                    return "unreadable safetensors header"
+                header = json.loads(f.read(length))
+                expected = 8 + length + max((entry["data_offsets"][1] for key, entry in
+                                             header.items() if key != "__metadata__"), default=0)
+            elif path.suffix == ".parquet":
+                if f.read(4) != b"PAR1" or (f.seek(-4, 2), f.read(4))[1] != b"PAR1":
+                    return "not a whole parquet file"
+                return None
+            elif path.suffix == ".png":
+                if f.read(8) != _PNG_START or (f.seek(-8, 2), f.read(8))[1] != _PNG_END:
+                    return "not a whole PNG image"
+                return None
+            elif path.suffix == ".json":
+                json.loads(f.read())
+                return None
+            else:
+                return None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"unreadable header ({error})"
+    return None if expected == size else f"its header says {expected} bytes, it has {size}"
+
+
+def digest(path: Path) -> str:
+    """A file's sha256; for a `.npy` array, the sha256 of its header and of each row's sha256
+    (`npy_digest`), which a writer filling rows in any order can compute as it goes."""
+    if path.suffix == ".npy":
+        array = np.load(path, mmap_mode="r")
+        return npy_digest(npy_header(path), row_digests(array))
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def row_digests(rows: np.ndarray) -> list[str]:
+    """The sha256 of each row (first axis) of an array, as stored (C order)."""
+    return [hashlib.sha256(np.ascontiguousarray(row).data).hexdigest() for row in rows]
+
+
+def npy_header(path: Path) -> bytes:
+    """The header bytes of a `.npy` file (everything before its data)."""
+    with open(path, "rb") as f:
+        _read_npy_header(f)
+        length = f.tell()
+        f.seek(0)
+        return f.read(length)
+
+
+def _read_npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype, leaving `f` at the start of the data."""
+    read = {(1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(f)]
+    shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def npy_digest(header: bytes, rows: list[str]) -> str:
+    return hashlib.sha256(header + "".join(rows).encode()).hexdigest()

@@ -448,7 +448,8 @@ def _report(name: str, setting: str, base: float, variant: float, base_median: f
 
 
 BENCHMARKS = {"record": bench_record, "steer": bench_steer, "probes": bench_probes,
-              "solvers": bench_solvers, "sweep": bench_sweep, "store": bench_store, "openmp": bench_openmp}
+              "solvers": bench_solvers, "sweep": bench_sweep, "store": bench_store,
+              "openmp": bench_openmp}
 
 
 def main() -> None:

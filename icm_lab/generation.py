@@ -10,9 +10,8 @@ that finds it skips those denoiser calls and continues from the cached latents, 
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +21,11 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from icm_lab.files import atomic
 from icm_lab.hooks import DenoiserHooks, Intervention
 from icm_lab.models.layers import LayerRegistry
 from icm_lab.models.loading import ModelSpec
@@ -60,16 +61,32 @@ class Prefix:
         return self.root / f"{start:07d}-{stop:07d}.safetensors"
 
     def load(self, start: int, stop: int) -> torch.Tensor | None:
+        """The cached latents, or None when absent. A damaged file (unreadable, or latents
+        other than the hash it was saved with) is deleted with a warning: computed again."""
         path = self.path(start, stop)
-        return load_file(path)["latents"] if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            with safe_open(path, framework="pt") as f:
+                latents, saved = f.get_tensor("latents"), f.metadata()["sha256"]
+            if _digest(latents) == saved:
+                return latents
+            problem = "its latents differ from the hash they were saved with"
+        except (OSError, ValueError, KeyError, SafetensorError) as error:
+            problem = f"unreadable ({error})"
+        log.warning("cached prefix %s is damaged (%s); deleted, computing it again", path, problem)
+        path.unlink(missing_ok=True)
+        return None
 
     def save(self, start: int, stop: int, latents: torch.Tensor) -> None:
         """Atomically: concurrent jobs (which compute the same bytes) never see half a file."""
-        path = self.path(start, stop)
-        handle, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(handle)
-        save_file({"latents": latents.detach().cpu().contiguous()}, tmp)
-        os.replace(tmp, path)
+        latents = latents.detach().cpu().contiguous()
+        with atomic(self.path(start, stop)) as tmp:
+            save_file({"latents": latents}, tmp, metadata={"sha256": _digest(latents)})
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
 
 
 class _PrefixCallback:

@@ -9,7 +9,8 @@
                                                                class means, whatever the probe
                          metadata: provenance, classes, backend
     scores.parquet/.csv  one row per (layer, step): balanced_accuracy, accuracy, auroc, ...
-    meta.json            written last: the artefact is complete
+    meta.json            classes, backend, layers, steps
+    manifest.json        every file's size and hash, written last: the artefact is complete
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from icm_lab.artefacts import Provenance, read_json, write_json_atomic
+from icm_lab.artefacts import Provenance, damage, is_sealed, read_json, seal, write_json_atomic
+from icm_lab.errors import UserError
+from icm_lab.files import atomic, write_table
 from icm_lab.probes import ProbeFit
 
 
@@ -33,7 +36,11 @@ class ProbeSet:
     def __init__(self, root: Path, expect: Provenance | None = None):
         self.root = Path(root)
         if not self.is_complete(self.root):
-            raise FileNotFoundError(f"no complete probe set at {self.root} (no meta.json)")
+            raise UserError(f"no complete probe set at {self.root} (no manifest.json): point "
+                            "steer.probes at a localize artefact, or run localize")
+        if found := damage(self.root):
+            raise UserError(f"the probe set at {self.root} is damaged: {'; '.join(found)}. "
+                            "Delete it and run localize again")
         self.meta = read_json(self.root / "meta.json")
         if expect is not None:
             expect.check(self.meta["provenance"], self.root)
@@ -43,7 +50,7 @@ class ProbeSet:
 
     @staticmethod
     def is_complete(root: Path) -> bool:
-        return (Path(root) / "meta.json").exists()
+        return is_sealed(root)
 
     def _tensor(self, layer: str, field: str) -> torch.Tensor:
         if layer not in self.layers:
@@ -75,11 +82,13 @@ class ProbeSet:
         tensors = {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}
         metadata = {"provenance": json.dumps(asdict(provenance)), "classes": json.dumps(classes),
                     "backend": backend}
-        save_file(tensors, root / cls.FILE, metadata=metadata)
-        scores.to_parquet(root / "scores.parquet", index=False)
-        scores.to_csv(root / "scores.csv", index=False)
+        with atomic(root / cls.FILE) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
+        write_table(scores, root / "scores.parquet")
+        write_table(scores, root / "scores.csv")
         write_json_atomic(root / "meta.json", {
             "provenance": asdict(provenance), "classes": classes, "backend": backend,
             "layers": list(fits), "n_steps": int(scores["step"].max()) + 1,
         })
+        seal(root)
         return cls(root, expect=provenance)

@@ -8,6 +8,8 @@ Stages import this module; the runner builds it; it imports no stage.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property
@@ -21,8 +23,16 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from icm_lab.artefacts import Provenance, artefact_lock, fingerprint
+from icm_lab.artefacts import (
+    VERIFY_CHOICES,
+    Provenance,
+    artefact_lock,
+    damage,
+    fingerprint,
+    is_sealed,
+)
 from icm_lab.concepts import Concept
+from icm_lab.errors import choices_error
 from icm_lab.generation import Generator, Prefix
 from icm_lab.labeler import Labeler
 from icm_lab.models.adapters import ModelAdapter, adapter_for, layer_registry
@@ -30,6 +40,8 @@ from icm_lab.models.clip import Clip
 from icm_lab.models.layers import LayerRegistry
 from icm_lab.models.loading import ModelSpec
 from icm_lab.tracking import Tracker
+
+log = logging.getLogger(__name__)
 
 
 class Resources:
@@ -41,6 +53,9 @@ class Resources:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.model: ModelSpec = instantiate(cfg.model)
         self.artefacts = Path(cfg.paths.artefacts)
+        self.verify_hashes = cfg.paths.get("verify", "sizes") == "hashes"
+        if cfg.paths.get("verify", "sizes") not in VERIFY_CHOICES:
+            raise choices_error("paths.verify", cfg.paths.verify, VERIFY_CHOICES)
         if pipeline is not None:
             self.pipeline = pipeline  # takes the cached property's place
 
@@ -50,6 +65,8 @@ class Resources:
 
     @cached_property
     def pipeline(self) -> DiffusionPipeline:
+        source = self.model.pretrained or f"a random {self.model.build} twin"
+        log.info("loading model %s from %s", self.model.name, source)  # seconds for real weights
         return self.model.load()
 
     @cached_property
@@ -84,7 +101,9 @@ class Resources:
 
     @cached_property
     def clip(self) -> Clip:
-        return instantiate(self._cfg.clip)()
+        clip = self._cfg.clip
+        log.info("loading CLIP %s (%s)", clip.model, clip.pretrained or "random weights")
+        return instantiate(clip)()
 
     @cached_property
     def labeler(self) -> Labeler:
@@ -109,9 +128,9 @@ class Resources:
 
     # -- what artefacts depend on ----------------------------------------------------------
     def model_identity(self) -> dict[str, Any]:
-        """The model settings images depend on (not the device)."""
+        """The model settings images depend on (not the device, nor which concepts it allows)."""
         return {k: v for k, v in OmegaConf.to_container(self._cfg.model, resolve=True).items()
-                if k != "device"}
+                if k not in ("device", "concepts")}
 
     def labelling_identity(self) -> dict[str, Any]:
         """The settings labels depend on."""
@@ -122,13 +141,18 @@ class Resources:
         return OmegaConf.to_container(self._cfg.concept, resolve=True)
 
     def labeler_description(self) -> dict[str, Any]:
-        """The labeler, its options, CLIP and text groups: reported beside every fairness
-        number."""
+        """The labeler and its options, with its CLIP and text groups if it reads images with
+        CLIP: reported beside every fairness number."""
         options = {k: v for k, v in OmegaConf.to_container(self._cfg.labeler, resolve=True)
                    .items() if not k.startswith("_")}
-        return {"name": self.labeler.name, **options, "clip": self._cfg.clip.model,
-                "pretrained": self._cfg.clip.pretrained,
+        if not self.labeler.uses_clip:
+            return {"name": self.labeler.name, **options}
+        return {"name": self.labeler.name, **options, **self.clip_description(),
                 "texts": {k: list(v) for k, v in self.concept.classifier_texts.items()}}
+
+    def clip_description(self) -> dict[str, Any]:
+        """Which CLIP: its open_clip model and weights (a tag or a path)."""
+        return {"clip": self._cfg.clip.model, "pretrained": self._cfg.clip.pretrained}
 
     # -- the artefact cache ----------------------------------------------------------------
     def artefact_dir(self, provenance: Provenance) -> Path:
@@ -149,3 +173,18 @@ class Resources:
         path = self.artefact_dir(provenance)
         with artefact_lock(path):
             yield path
+
+    def reusable(self, root: Path) -> bool:
+        """Whether the artefact at `root` (its lock held) is sealed and intact. A damaged one is
+        reported file by file and moved aside, so the caller computes it afresh."""
+        if not is_sealed(root):
+            return False
+        found = damage(root, hashes=self.verify_hashes)
+        if not found:
+            return True
+        aside = root.with_name(f"{root.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        log.warning("the artefact at %s is damaged; moved to %s and computed again:\n  %s",
+                    root, aside, "\n  ".join(found))
+        root.rename(aside)
+        root.mkdir()
+        return False

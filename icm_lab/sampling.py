@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from icm_lab.errors import ConfigError
+from icm_lab.files import write_image
 from icm_lab.labeler import Labels
 
 EVAL_SEED_OFFSET = 1_000_003  # evaluation's seed stream, apart from collection's
@@ -58,7 +59,7 @@ def save_images(images: list, indices: pd.Series, directory: Path, root: Path) -
     paths = []
     for image, index in zip(images, indices, strict=True):
         path = directory / f"{index:06d}.png"
-        image.save(path)
+        write_image(image, path)
         paths.append(str(path.relative_to(root)))
     return paths
 

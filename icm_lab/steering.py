@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from icm_lab.artefacts import write_json_atomic
 from icm_lab.errors import UserError, choices_error
+from icm_lab.files import atomic
 from icm_lab.hooks import AddVector
 
 POLICIES = ("all", "minimal")
@@ -118,7 +119,8 @@ class SteerPlan:
                          for i, e in enumerate(self.edits)]
         tensors = {f"{i}/directions": e.directions.detach().float().contiguous()
                    for i, e in enumerate(self.edits)}
-        save_file(tensors, directory / "plan.safetensors")
+        with atomic(directory / "plan.safetensors") as tmp:
+            save_file(tensors, tmp)
         write_json_atomic(directory / "plan.json", data)
         return directory / "plan.json"
 

@@ -6,22 +6,27 @@ each batch then writes its rows in place, lock-free (jobs write disjoint rows), 
 disk, and only then writes its marker: its sample rows, under a temporary name renamed into
 place. A batch counts as done once its marker exists, so a run killed at any point resumes from
 the markers it finds, regenerating (and overwriting) any batch without one, with no sample lost or
-duplicated. `finalize` reads no activation: it gathers the sample rows, renames the arrays to
-their final names and writes `meta.json`, which, written last, marks a complete store.
+duplicated. `finalize` gathers the sample rows, renames the arrays to their final names, writes
+`meta.json`, and seals the store (`artefacts.seal`: its manifest, written last, marks it
+complete). Arrays are allocated on disk when created, so a full disk is found then, with one
+line, and never later as a crash while writing into a memory map.
 
     <artefact>/
       provenance.json         stamped by the first writer
       store/
-        meta.json             provenance, layers, steps, N (written last)
+        meta.json             provenance, layers, steps, N
         samples.parquet       one row per image
         <layer>.npy           float16 [N, steps, width]; `.<layer>.npy.partial` until complete
       batches/                removed once the store is complete
-        arrays.json           n_steps; written once the arrays exist
-        <start>-<end>.parquet a batch's sample rows: its activations are on disk
+      manifest.json           every file's size and hash, written last: the store is complete
+        arrays.json           n_steps and each array's header; written once the arrays exist
+        <start>-<end>.parquet a batch's sample rows and the sha256 of each row of each layer
+                              written: its activations are on disk
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -31,9 +36,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from icm_lab.artefacts import Provenance, artefact_lock, read_json, write_json_atomic
+from icm_lab.artefacts import (
+    Provenance,
+    artefact_lock,
+    is_sealed,
+    npy_digest,
+    npy_header,
+    read_json,
+    row_digests,
+    seal,
+    write_json_atomic,
+)
 from icm_lab.errors import UserError
+from icm_lab.files import disk_full, remove_dead_temporaries, write_table
 from icm_lab.models.layers import LayerInfo
+
+DIGEST = "_sha256/"  # a marker's column of a layer's row hashes
 
 
 class StoreError(UserError, RuntimeError):
@@ -57,7 +75,7 @@ class ActivationStore:
 
     @staticmethod
     def is_complete(root: Path) -> bool:
-        return (Path(root) / "store" / "meta.json").exists()
+        return is_sealed(root)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -114,16 +132,31 @@ class StoreWriter:
                 if not layout.exists():  # else another job created them meanwhile
                     self.out.mkdir(exist_ok=True)
                     for layer in self.layers:
-                        np.lib.format.open_memmap(
-                            self._partial(layer), mode="w+", dtype=np.float16,
-                            shape=(self.n_total, n_steps, layer.width))
-                    write_json_atomic(layout, {"n_steps": n_steps})
+                        self._allocate(layer, n_steps)
+                    write_json_atomic(layout, {"n_steps": n_steps, "headers": {
+                        layer.name: npy_header(self._partial(layer)).hex()
+                        for layer in self.layers}})
         try:  # np.load reads the header only
             return [np.load(self._partial(layer), mmap_mode="r+") for layer in self.layers]
         except FileNotFoundError:
             if ActivationStore.is_complete(self.root):  # renamed into place meanwhile
                 return None
             raise
+
+    def _allocate(self, layer: LayerInfo, n_steps: int) -> None:
+        """The layer's array at its final shape, its blocks reserved on disk: a full disk stops
+        the run here with one line, not later with SIGBUS inside a memory-mapped write."""
+        array = np.lib.format.open_memmap(self._partial(layer), mode="w+", dtype=np.float16,
+                                          shape=(self.n_total, n_steps, layer.width))
+        del array
+        with open(self._partial(layer), "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            except OSError as error:
+                if error.errno == errno.ENOSPC:
+                    raise disk_full(self._partial(layer)) from error
+                if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # no such reservation
+                    raise
 
     def write_batch(self, start: int, activations: dict[str, np.ndarray],
                     samples: pd.DataFrame) -> None:
@@ -144,16 +177,14 @@ class StoreWriter:
                                  f"{start}-{end} has shape {block.shape}, the store expects "
                                  f"{array[start:end].shape}")
             array[start:end] = block
+            # Hashed here, from memory, so sealing the store reads no activation again.
+            samples = samples.assign(**{DIGEST + layer.name: row_digests(array[start:end])})
         for array in arrays:
             array.flush()  # msync: durable before the marker says so
         with artefact_lock(self.root):
             if ActivationStore.is_complete(self.root):
                 return
-            # Written under the lock, like every temporary here, so `tidy` can tell a dead
-            # job's leftovers from a live job's work in progress.
-            tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
-            samples.to_parquet(tmp, index=False)
-            os.replace(tmp, marker)
+            write_table(samples, marker)
 
     def finalize(self) -> ActivationStore:
         """Mark the store complete, reading no activation: gather the sample rows, rename the
@@ -168,35 +199,35 @@ class StoreWriter:
             )
         frames = [pd.read_parquet(path) for _, _, path in markers]
         samples = pd.concat(frames, ignore_index=True).sort_values("index", ignore_index=True)
-        samples.to_parquet(self.out / "samples.parquet", index=False)
+        arrays = read_json(self.batches / "arrays.json")
+        digests = {f"store/{layer.name}.npy": npy_digest(
+            bytes.fromhex(arrays["headers"][layer.name]), list(samples[DIGEST + layer.name]))
+            for layer in self.layers}
+        samples = samples.drop(columns=[DIGEST + layer.name for layer in self.layers])
+        write_table(samples, self.out / "samples.parquet")
         for layer in self.layers:
             if self._partial(layer).exists():  # else renamed by an interrupted finalize
                 os.replace(self._partial(layer), self.out / f"{layer.name}.npy")
         write_json_atomic(self.out / "meta.json", {
             "provenance": asdict(self.provenance),
             "layers": [asdict(layer) for layer in self.layers],
-            "n_steps": read_json(self.batches / "arrays.json")["n_steps"],
+            "n_steps": arrays["n_steps"],
             "n_samples": self.n_total,
             "dtype": "float16",
         })
+        seal(self.root, skip=("batches",), known=digests)
         tidy(self.root)
         return ActivationStore(self.root, expect=self.provenance)
 
 
 def tidy(root: Path) -> None:
-    """Remove what killed jobs left behind. The caller holds the artefact's lock, under which
-    every temporary file of a store is written, so any found now is a dead job's (whatever its
-    host); once the store is complete, its batch markers (and an older layout's shards) are
-    spent too."""
+    """Remove what killed jobs left behind: temporaries whose owner is gone, and once the store
+    is complete, its batch markers (and an older layout's shards)."""
     root = Path(root)
-    leftovers = [*root.glob(".*.tmp"), *root.glob("*/.*.tmp")]
+    remove_dead_temporaries(root)
     if ActivationStore.is_complete(root):
-        leftovers += [root / "batches", root / "shards"]
-    for path in leftovers:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        for spent in (root / "batches", root / "shards"):
+            shutil.rmtree(spent, ignore_errors=True)
 
 
 def io_per_byte_stored(make_store: Callable[[], ActivationStore]) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 import os
 import struct
+import subprocess
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -16,6 +17,7 @@ import torch  # noqa: E402
 from wandb.proto import wandb_internal_pb2  # noqa: E402
 
 from icm_lab.config import compose_config  # noqa: E402
+from icm_lab.files import HOST  # noqa: E402
 from icm_lab.models.adapters import layer_registry  # noqa: E402
 from icm_lab.validation import build  # noqa: E402
 
@@ -65,3 +67,15 @@ def wandb_records(run_file) -> list:
             record.ParseFromString(chunks)
             records.append(record)
     return records
+
+
+def dead_pid() -> int:
+    """The pid of a process of this host that has ended (its temporaries are leftovers)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def temporary_name(name: str, pid: int) -> str:
+    """The name `files.atomic` gives a temporary of `name` written by `pid` on this host."""
+    return f".{name}.{HOST}.{pid}.0.tmp"

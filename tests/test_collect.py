@@ -16,7 +16,7 @@ from icm_lab.models.layers import LayerInfo
 from icm_lab.runner import run
 from icm_lab.sampling import sample_plan
 from icm_lab.store import ActivationStore, StoreError, StoreWriter, io_per_byte_stored
-from tests.conftest import make_config
+from tests.conftest import dead_pid, make_config, temporary_name
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["collect.n_images=12", "collect.batch_size=2", "model.steps=6", "stages=[collect]"]
@@ -156,20 +156,27 @@ def test_a_killed_writer_resumes_to_the_identical_store(tmp_path):
     # writing a marker and a stamp: a batch without a marker is written again.
     writer.write_batch(3, {k: v * 0 for k, v in batch(3)[0].items()}, batch(3)[1])
     (killed / "batches" / "0000003-0000006.parquet").unlink()
-    for leftover in ["batches/.0000009-0000012.parquet.123.tmp", ".provenance.json.123.tmp"]:
+    gone = dead_pid()
+    for leftover in [f"batches/{temporary_name('0000009-0000012.parquet', gone)}",
+                     temporary_name("provenance.json", gone)]:
         (killed / leftover).write_text("half")
-    (killed / ".shard-0000000-0000003.123.tmp").mkdir()  # the previous layout's
+    (killed / temporary_name("shard-0000000-0000003", gone)).mkdir()
+    live = killed / "images" / temporary_name("000004.png", os.getpid())  # a job still writing
+    live.parent.mkdir()
+    live.write_text("half")
     with pytest.raises(StoreError, match=f"cannot finalize {killed}: batches cover 6 of 12"):
         writer.finalize()
 
     resumed = StoreWriter(killed, PROVENANCE, LAYERS, n_total=12)
     assert resumed.done() == {*range(3), *range(6, 9)}
-    assert not list(killed.glob("**/.*.tmp")) and not list(killed.glob(".shard-*"))
+    assert list(killed.glob("**/.*.tmp")) == [live]  # only the dead jobs' leftovers go
+    live.unlink()
     for start in sorted({0, 3, 6, 9} - resumed.done()):
         resumed.write_batch(start, *batch(start))
     store = resumed.finalize()
     assert store_files(store.root) == store_files(reference.root)  # byte for byte
-    assert sorted(p.name for p in killed.iterdir()) == ["provenance.json", "store"]
+    assert sorted(p.name for p in killed.iterdir()) == ["images", "manifest.json",
+                                                        "provenance.json", "store"]
     assert store.n_steps == 5 and len(store) == 12
 
 

@@ -49,7 +49,7 @@ def collect(res: Resources, cfg: CollectConfig, seed: int) -> ActivationStore | 
         collection = ShardedCollection(res, cfg, seed, provenance, root)
         collection.write(cfg.shard, cfg.num_shards)
     with res.artefact(provenance) as root:
-        if ActivationStore.is_complete(root):
+        if res.reusable(root):
             log.info("collect: reusing the complete store at %s", root)
             tidy(root)  # leftovers of a job killed just after completing it
             return ActivationStore(root, expect=provenance)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from icm_lab.artefacts import Provenance, fingerprint, write_json_atomic
 from icm_lab.errors import UserError
 from icm_lab.figures import explicit_swap_comparison, layer_ranking, separability_heatmaps
+from icm_lab.files import write_table
 from icm_lab.hooks import SwapContext
 from icm_lab.labeler import UNDECIDED
 from icm_lab.models.layers import LayerInfo
@@ -88,7 +89,7 @@ def implicit_map(res: Resources, cfg: LocalizeConfig, probe: Probe, store: Activ
                  seed: int) -> ProbeSet:
     provenance = localize_provenance(res, cfg, probe, store, seed)
     with res.artefact(provenance) as root:
-        if ProbeSet.is_complete(root):
+        if res.reusable(root):
             log.info("localize: reusing the probes at %s", root)
             return ProbeSet(root, expect=provenance)
         return _fit_and_report(res, cfg, probe, store, provenance, root, seed)
@@ -214,7 +215,7 @@ def explicit_swap(res: Resources, n_images: int, probes: ProbeSet, seed: int) ->
                          "n_undecided": counts[UNDECIDED]})
     table = pd.DataFrame(rows)
     table.to_csv(res.run_dir / "explicit_swap.csv", index=False)
-    table.to_parquet(res.run_dir / "explicit_swap.parquet", index=False)
+    write_table(table, res.run_dir / "explicit_swap.parquet")
     figure = explicit_swap_comparison(table, probes.scores[probes.scores["kind"] == "attn2"],
                                       res.run_dir / "explicit_swap.png")
     res.tracker.log_images({"localize/explicit_swap": figure})

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from icm_lab.artefacts import Provenance, fingerprint
+from icm_lab.artefacts import Provenance, fingerprint, seal
 from icm_lab.figures import before_after_grid
+from icm_lab.files import write_table
 from icm_lab.labeler import UNDECIDED
 from icm_lab.methods import SteeringMethod
 from icm_lab.resources import Resources
@@ -63,7 +64,7 @@ def base_images(res: Resources, plan: pd.DataFrame, prefix_step: int | None
     ))
     with res.artefact(provenance) as root:
         table_path = root / "images.parquet"
-        if table_path.exists():
+        if res.reusable(root):
             log.info("steer: reusing the base images at %s", root)
             return pd.read_parquet(table_path), root
         prompts, seeds = list(plan["prompt"]), list(plan["seed"])
@@ -71,8 +72,8 @@ def base_images(res: Resources, plan: pd.DataFrame, prefix_step: int | None
                                    prefix=res.prefix(prompts, seeds, prefix_step))
         paths = save_images(images, plan["index"], root / "images", root)
         table = labelled_table(plan, res.labeler(images), paths)
-        table.to_parquet(root / ".images.parquet.tmp", index=False)
-        (root / ".images.parquet.tmp").replace(table_path)  # atomic: complete or absent
+        write_table(table, table_path)
+        seal(root)
         return table, root
 
 
@@ -103,8 +104,8 @@ def steer(res: Resources, cfg: SteerConfig, method: SteeringMethod, per_prompt: 
             desc=f"steer ({method.name})",
             prefix=res.prefix(steer_plan.prompts, steer_plan.seeds, steer_plan.start))
     table = result_table(res, plan, base, targets, images, out, method.generates)
-    table.to_parquet(out / "images.parquet", index=False)
-    table.to_csv(out / "images.csv", index=False)
+    write_table(table, out / "images.parquet")
+    write_table(table, out / "images.csv")
     result = SteerResult(table, base_root, out, steer_plan)
     grids = draw_grids(result)
     res.tracker.log_images({f"steer/grid_{i}": path for i, path in enumerate(grids)})
