@@ -184,7 +184,7 @@ def header_problem(path: Path) -> str | None:
 def digest(path: Path) -> str:
     """A file's sha256; for a `.npy` array, the sha256 of its header and of each row's sha256
     (`npy_digest`), which a writer filling rows in any order can compute as it goes."""
-    if path.suffix == ".npy":
+    if path.suffix == ".npy" and header_problem(path) is None:  # else its rows are unknown
         array = np.load(path, mmap_mode="r")
         return npy_digest(npy_header(path), row_digests(array))
     sha = hashlib.sha256()

@@ -33,6 +33,7 @@ from icm_lab.artefacts import (
 )
 from icm_lab.concepts import Concept
 from icm_lab.errors import choices_error
+from icm_lab.files import remove_dead_temporaries
 from icm_lab.generation import Generator, Prefix
 from icm_lab.labeler import Labeler
 from icm_lab.models.adapters import ModelAdapter, adapter_for, layer_registry
@@ -172,6 +173,7 @@ class Resources:
         the same artefact wait while the first computes it, then find it complete and reuse it."""
         path = self.artefact_dir(provenance)
         with artefact_lock(path):
+            remove_dead_temporaries(path)
             yield path
 
     def reusable(self, root: Path) -> bool:

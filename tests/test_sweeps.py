@@ -118,7 +118,8 @@ def test_concurrent_jobs_share_one_uncorrupted_cache(tmp_path):
         assert job.returncode == 0, stderr[-3000:]
     artefacts = tmp_path / "shared" / "outputs" / "artefacts"
     (store,) = [p for p in (artefacts / "collect").iterdir() if p.is_dir()]
-    assert sorted(p.name for p in store.iterdir()) == ["images", "provenance.json", "store"]
+    assert sorted(p.name for p in store.iterdir()) == ["images", "manifest.json",
+                                                       "provenance.json", "store"]
     assert not list(store.glob("**/.*.tmp")) and not list(store.glob("store/.*"))
     assert_same_store(ActivationStore(store), collect_store(tmp_path / "alone"))
     assert len([p for p in (artefacts / "localize").iterdir() if p.is_dir()]) == 1
