@@ -12,9 +12,10 @@ class ConfigError(UserError, ValueError):
     """A config value that is refused before anything is loaded or written."""
 
 
-def choices_error(key: str, value: object, valid: object) -> ConfigError:
-    """The one shape of every 'unknown value' message: key, bad value, valid choices."""
-    return ConfigError(f"{key}={value!r} is not valid; choose one of {list(valid)}")
+def choices_error(key: str, value: object, valid: object, where: str = "") -> ConfigError:
+    """The one shape of every 'unknown value' message: key, bad value (`where` it is refused,
+    e.g. " for model=toy"), valid choices."""
+    return ConfigError(f"{key}={value!r} is not valid{where}; choose one of {list(valid)}")
 
 
 class ModelUnavailable(UserError):

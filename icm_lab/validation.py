@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from icm_lab.concepts import Concept
 from icm_lab.errors import ConfigError, ModelUnavailable, UserError, choices_error
 from icm_lab.methods import SteeringMethod
+from icm_lab.models.clip import check_available as check_clip_weights
 from icm_lab.models.layers import LayerRegistry
 from icm_lab.models.loading import ModelSpec
 from icm_lab.probeset import ProbeSet
@@ -58,6 +59,8 @@ def validate(cfg: DictConfig) -> None:
     method: SteeringMethod = build(cfg.method, "method")
     build(cfg.probe, "probe")
     concept = Concept.from_config(cfg.concept)
+    model.check_concept(concept.name)
+    model.check_available()  # before the CLIP's: the model is what a new user lacks first
     _check_labeler(build(cfg.labeler, "labeler"), concept)
     _check_clip(cfg.clip, build(cfg.clip, "clip"))
     _bind(build(cfg.logger, "logger"), "logger", run_dir=None, config={}, name="", group=None)
@@ -84,6 +87,7 @@ def _check_clip(clip: DictConfig, make: partial) -> None:
             pretrained).exists():
         raise ModelUnavailable(f"clip.pretrained={pretrained!r} is not a file; pass an open_clip "
                                "tag (e.g. openai) or the path of a checkpoint")
+    check_clip_weights(clip.model, pretrained)
 
 
 def _check_paths(sections: dict[str, Any]) -> None:

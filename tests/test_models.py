@@ -2,7 +2,7 @@ import open_clip
 import pytest
 import torch
 
-from icm_lab.__main__ import layers_command
+from icm_lab.cli import layers_command
 from icm_lab.errors import ConfigError
 from icm_lab.models.adapters import ADAPTERS, adapter_for, layer_registry, short_name
 from icm_lab.models.layers import UnknownLayerError

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from icm_lab.__main__ import check_overrides
+from icm_lab.cli import check_overrides
 from tests.conftest import TEST_DEFAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +52,24 @@ REFUSED = [  # (overrides, what the one line must say)
     (["concept.target=[0.7,0.7]"], "target [0.7, 0.7] must be 2 non-negative shares summing"),
     (["clip.batch_size=0"], "clip.batch_size=0 must be a positive integer"),
     (["+clip.colour=1"], "clip: got an unexpected keyword argument 'colour'"),
+    (["model=toy", "concept=gender"], "concept='gender' is not valid for model=toy; choose one "
+                                      "of ['color', 'size']"),
+    (["layers=[not.a.layer]"], "layers='not.a.layer' is not valid; choose one of ['all', "
+                               "'all_attn1', 'all_attn2', 'auto', 'bottleneck', 'paper_sd15'], "
+                               "or give layer names as layers.select=[name,...]"),
+    # Missing weights (tests run with HF_HUB_OFFLINE=1): what is wrong and what to type.
+    (["model=sd15", "model.pretrained=icm-lab/not-cached"],
+     "model=sd15 needs the weights 'icm-lab/not-cached', which are not in the Hugging Face "
+     "cache, and HF_HUB_OFFLINE=1 forbids downloading them. Run `hf download "
+     "icm-lab/not-cached` where there is network, or pass model.pretrained=/path/to/sd15"),
+    (["model=sd15", "model.pretrained=/no/such/folder"],
+     "model.pretrained='/no/such/folder' is not a folder"),
+    (["clip.model=ViT-B-32", "clip.pretrained=openai"],
+     "CLIP ViT-B-32 (openai) needs the weights 'timm/vit_base_patch32_clip_224.openai', which "
+     "are not in the Hugging Face cache"),
+    (["clip.model=ViT-B-32", "clip.pretrained=opnai"], "clip.pretrained='opnai' is not valid "
+                                                       "for clip.model=ViT-B-32; choose one of"),
+    (["eval.kid_subsets=0"], "eval.kid_subsets=0 must be an integer >= 1"),
 ]
 
 
@@ -74,6 +92,18 @@ def test_bad_values_are_refused_in_one_line(overrides, message, tmp_path, capsys
 def test_a_valid_config_passes(tmp_path):
     check_overrides([f"paths.root={tmp_path}"])  # the default: the toy world
     check_overrides(["model=tiny_sana", "concept=gender", "layers=all_attn2", "method=attn2"])
+
+
+def test_the_command_says_it_started_within_two_seconds():
+    """Importing torch and diffusers takes seconds: the first line comes before them."""
+    start = time.perf_counter()
+    with subprocess.Popen([sys.executable, "-m", "icm_lab", "stages=[colect]"], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as job:
+        first = job.stdout.readline()
+        elapsed = time.perf_counter() - start
+        job.kill()
+    assert first.startswith("icm_lab: starting"), first
+    assert elapsed < 2, elapsed
 
 
 @pytest.mark.slow

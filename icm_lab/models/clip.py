@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
 import torch
 
-from icm_lab.errors import ModelUnavailable, choices_error
-from icm_lab.models.loading import resolve_device
+from icm_lab.errors import ConfigError, ModelUnavailable, choices_error
+from icm_lab.models.loading import hub_offline, local_folder, resolve_device
 
 # Model configs of our own (tiny random CLIP, the toy world's CLIP), registered with open_clip.
 CLIP_CONFIGS = Path(__file__).parent / "clip_configs"
@@ -41,22 +44,72 @@ class Clip:
         return torch.nn.functional.normalize(torch.cat(features), dim=-1)
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+@contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    """open_clip logs to the root logger that a model without `pretrained` is random (the tiny
+    CLIP is so on purpose) and that a download failed (load_clip says so in its own line)."""
+    root = logging.getLogger()
+    dropped = _DropMessages(("No pretrained weights loaded for model", "Failed to download"))
+    root.addFilter(dropped)
+    try:
+        yield
+    finally:
+        root.removeFilter(dropped)
+
+
+def hub_repo(model: str, pretrained: str) -> str | None:
+    """The Hugging Face repo an open_clip tag's weights come from (None: a URL or no tag)."""
+    hub = open_clip.get_pretrained_cfg(model, pretrained).get("hf_hub", "")
+    return os.path.split(hub)[0] or None
+
+
+def check_available(model: str, pretrained: str | None) -> None:
+    """Refuse an open_clip tag that is not a tag of `model`, or whose weights are neither cached
+    nor downloadable (HF_HUB_OFFLINE), before anything is loaded or written."""
+    if not pretrained or Path(pretrained).exists():
+        return
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if not tags:
+        raise ConfigError(f"clip.pretrained={pretrained!r} is not a file, and {model} has no "
+                          "pretrained tags; pass the path of a checkpoint")
+    if pretrained not in tags:
+        raise choices_error("clip.pretrained", pretrained, tags, f" for clip.model={model}")
+    repo = hub_repo(model, pretrained)
+    if repo and hub_offline() and not local_folder(repo):
+        raise ModelUnavailable(
+            f"CLIP {model} ({pretrained}) needs the weights {repo!r}, which are not in the "
+            f"Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading them. Run `hf "
+            f"download {repo}` where there is network, or pass clip.pretrained=/path/to/"
+            "open_clip_model.safetensors")
+
+
 def load_clip(model: str, pretrained: str | None = None, device: str = "auto",
               batch_size: int = 32) -> Clip:
     """An open_clip model (`conf/clip/*.yaml`): `pretrained` is an open_clip tag or a path."""
     known = open_clip.list_models()
     if model not in known:
         raise choices_error("clip.model", model, known)
+    check_available(model, pretrained)
     torch_device = resolve_device(device)
     try:
-        net, _, preprocess = open_clip.create_model_and_transforms(
-            model, pretrained=pretrained, device=torch_device
-        )
+        with _quiet_open_clip():
+            net, _, preprocess = open_clip.create_model_and_transforms(
+                model, pretrained=pretrained, device=torch_device)
     except RuntimeError as error:
-        raise ModelUnavailable(
-            f"could not load CLIP {model!r} with pretrained={pretrained!r}: "
-            f"{str(error).splitlines()[0]} Weights come from the Hugging Face cache or a local "
-            "checkpoint; offline, pass clip.pretrained=/path/to/open_clip_model.safetensors."
-        ) from error
+        advice = "pass clip.pretrained=/path/to/open_clip_model.safetensors"
+        if pretrained and not Path(pretrained).exists() and hub_repo(model, pretrained):
+            advice = (f"run `hf download {hub_repo(model, pretrained)}` where there is "
+                      f"network, or {advice}")
+        raise ModelUnavailable(f"could not load CLIP {model} with pretrained={pretrained!r}: "
+                               f"{str(error).splitlines()[0][:300]}; {advice}") from error
     net.eval()
     return Clip(net, preprocess, open_clip.get_tokenizer(model), torch_device, batch_size)

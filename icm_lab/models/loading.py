@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import diffusers
+import huggingface_hub
 import torch
 import transformers
 from accelerate import init_empty_weights
@@ -26,6 +28,40 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 class ModelLoadError(ModelUnavailable, RuntimeError):
     pass
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set: weights come from a local folder or the Hugging Face cache only."""
+    return bool(huggingface_hub.constants.is_offline_mode())
+
+
+def looks_like_path(pretrained: str) -> bool:
+    """`/abs`, `./rel`, `~/x`: a folder, never a Hub id (`org/name`)."""
+    return pretrained.startswith(("/", ".", "~"))
+
+
+def local_folder(pretrained: str) -> Path | None:
+    """`pretrained` on this machine: the folder itself, or a Hub id's snapshot in the Hugging
+    Face cache; None when it is neither."""
+    if Path(pretrained).expanduser().is_dir():
+        return Path(pretrained).expanduser()
+    if looks_like_path(pretrained):
+        return None
+    try:
+        return Path(huggingface_hub.snapshot_download(pretrained, local_files_only=True))
+    except (OSError, ValueError):  # not cached; not a valid repo id
+        return None
+
+
+class _DropHubFallback(logging.Filter):
+    """diffusers' "Couldn't connect to the Hub ... Will try to load from local cache": when the
+    cache then lacks the weights, ModelSpec.load says so in its own line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Couldn't connect to the Hub")
+
+
+logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(_DropHubFallback())
 
 
 def resolve_device(device: str) -> torch.device:
@@ -62,6 +98,7 @@ class ModelSpec:
     batch_size: int = 8
     load_kwargs: dict[str, Any] = field(default_factory=dict)
     call_kwargs: dict[str, Any] = field(default_factory=dict)
+    concepts: list[str] | None = None  # the concepts the model can draw; None: any
 
     def __post_init__(self) -> None:
         self.load_kwargs, self.call_kwargs = dict(self.load_kwargs), dict(self.call_kwargs)
@@ -80,6 +117,31 @@ class ModelSpec:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"model.{key}={value!r} must be a positive integer")
+        self.concepts = None if self.concepts is None else list(self.concepts)
+
+    def check_concept(self, concept: str) -> None:
+        """Refuse a concept the model cannot draw (the toy world has shapes, not people)."""
+        if self.concepts is not None and concept not in self.concepts:
+            raise choices_error("concept", concept, self.concepts, f" for model={self.name}")
+
+    def check_available(self) -> None:
+        """Refuse, before anything is loaded or written, weights that are not on this machine
+        when they cannot be downloaded either (HF_HUB_OFFLINE), or a folder that is not there."""
+        if not self.pretrained or local_folder(self.pretrained):
+            return
+        if looks_like_path(self.pretrained):
+            raise ModelLoadError(f"model.pretrained={self.pretrained!r} is not a folder; pass "
+                                 "the folder that save_pretrained() wrote")
+        if hub_offline():
+            raise self._not_here("are not in the Hugging Face cache, and HF_HUB_OFFLINE=1 "
+                                 "forbids downloading them")
+
+    def _not_here(self, why: str) -> ModelLoadError:
+        """Missing weights: what is wrong, and the commands that fix it."""
+        return ModelLoadError(
+            f"model={self.name} needs the weights {self.pretrained!r}, which {why}. Run `hf "
+            f"download {self.pretrained}` where there is network, or pass model.pretrained="
+            f"/path/to/{self.name}; model=toy needs no download")
 
     def load(self) -> DiffusionPipeline:
         """The pipeline, on its device and dtype, with its configured scheduler."""
@@ -106,15 +168,16 @@ class ModelSpec:
         # Loading takes seconds; its per-component progress bars would only bury the run's own.
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
-        try:
-            return pipe_cls.from_pretrained(self.pretrained, dtype=dtype, **kwargs)
+        self.check_available()
+        try:  # offline: the cache only, so diffusers neither tries the Hub nor advises it
+            return pipe_cls.from_pretrained(self.pretrained, dtype=dtype,
+                                            local_files_only=hub_offline(), **kwargs)
         except (OSError, ValueError) as error:
-            raise ModelLoadError(
-                f"could not load model {self.name!r} from {self.pretrained!r}: "
-                f"{str(error).splitlines()[0]} Weights are read from a local path or the "
-                "Hugging Face cache; without network, download them elsewhere and pass "
-                f"model.pretrained=/path/to/{self.name}."
-            ) from error
+            if not local_folder(self.pretrained):  # the Hub could not be reached
+                raise self._not_here("are not in the Hugging Face cache and could not be "
+                                     "downloaded from the Hub") from error
+            raise ModelLoadError(f"could not load model={self.name} from {self.pretrained!r}: "
+                                 f"{str(error).splitlines()[0][:300]}") from error
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """The keyword arguments every generation with this model passes to the pipeline."""
@@ -129,17 +192,21 @@ class ModelSpec:
             with torch.device("meta"):
                 pipe = build_random(self.build, self.build_seed)
             return layer_registry(pipe, self.resolution), adapter_for(pipe)
+        # Configs read from the folder itself: diffusers' Hub path would warn about its own
+        # arguments (local_dir_use_symlinks) and has nothing to fetch.
+        folder = local_folder(self.pretrained)
         try:
-            index = DiffusionPipeline.load_config(self.pretrained, local_files_only=True)
+            index = DiffusionPipeline.load_config(folder) if folder else None
         except (OSError, ValueError):
+            index = None
+        if index is None:
             return None
         for adapter in ADAPTERS.values():
             if adapter.denoiser_attr in index:
                 net_cls = getattr(diffusers, index[adapter.denoiser_attr][1])
                 vae_cls = getattr(diffusers, index["vae"][1])
-                config = net_cls.load_config(self.pretrained, subfolder=adapter.denoiser_attr,
-                                             local_files_only=True)
-                vae = vae_cls.load_config(self.pretrained, subfolder="vae", local_files_only=True)
+                config = net_cls.load_config(folder, subfolder=adapter.denoiser_attr)
+                vae = vae_cls.load_config(folder, subfolder="vae")
                 with init_empty_weights():
                     net = net_cls.from_config(config)
                 latent = self.resolution // adapter.vae_scale_factor(vae)
