@@ -12,37 +12,64 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from icm_lab.models.adapters import short_name  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 KIND_COLOURS = {"attn1": "tab:blue", "attn2": "tab:orange", "bottleneck": "tab:green"}
+KIND_NAMES = {"attn1": "attn1 (self-attention)", "attn2": "attn2 (cross-attention)",
+              "bottleneck": "bottleneck (mid_block output)"}
+CHANCE_STYLE = {"color": "black", "linestyle": "--", "linewidth": 1}
+FONT = 8  # the smallest text in any figure: tick labels, legends
 
 
-def separability_heatmaps(scores: pd.DataFrame, path: Path, score: str = "balanced_accuracy",
-                          title: str = "") -> Path:
-    """Layers x steps heatmaps of probe scores, attn1 and attn2 side by side, one colour scale."""
-    kinds = [k for k in ("attn1", "attn2") if (scores["kind"] == k).any()]
-    lo, hi = min(0.5, scores[score].min()), max(scores[score].max(), 0.5 + 1e-3)
+def block_name(layer: str) -> str:
+    """The layer's module path without its attention suffix, which the panel names."""
+    return layer.removesuffix(".attn1").removesuffix(".attn2")
+
+
+def step_axis(ax: plt.Axes, n_steps: int) -> None:
+    """Whole-number steps, and which end is which."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(f"denoising step (0 = pure noise, {n_steps - 1} = last step)")
+
+
+def separability_heatmaps(scores: pd.DataFrame, path: Path, chance: float,
+                          score: str = "balanced_accuracy", title: str = "") -> Path:
+    """Layers x steps heatmaps of held-out probe scores, attn1 and attn2 side by side, one
+    colour scale from at or below chance (marked on the colour bar) to 1."""
+    kinds = [k for k in ("attn1", "attn2") if (scores["kind"] == k).any()] or list(
+        dict.fromkeys(scores["kind"]))
+    lo = min(chance, float(scores[score].min()))
     n_layers = max((scores["kind"] == k).groupby(scores["layer"]).any().sum() for k in kinds)
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 1.5 + 0.28 * n_layers),
+    n_steps = int(scores["step"].max()) + 1
+    fig, axes = plt.subplots(1, len(kinds), figsize=(7.5 * len(kinds), 2.2 + 0.3 * n_layers),
                              squeeze=False, constrained_layout=True)
     for ax, kind in zip(axes[0], kinds, strict=True):
         table = scores[scores["kind"] == kind].pivot(index="layer", columns="step", values=score)
         table = table.loc[list(dict.fromkeys(scores.loc[scores["kind"] == kind, "layer"]))]
-        image = ax.imshow(table.to_numpy(), aspect="auto", cmap="viridis", vmin=lo, vmax=hi)
-        ax.set_yticks(range(len(table)), [short_name(n) for n in table.index], fontsize=7)
-        ax.set_xlabel("denoising step")
-        ax.set_title(f"{kind} ({'self' if kind == 'attn1' else 'cross'}-attention)")
-    fig.colorbar(image, ax=axes[0].tolist(), label=score.replace("_", " "))
+        image = ax.imshow(table.to_numpy(), aspect="auto", cmap="viridis", vmin=lo, vmax=1.0,
+                          interpolation="nearest")
+        ax.set_yticks(range(len(table)), [block_name(n) for n in table.index], fontsize=FONT)
+        suffix = f" + .{kind}" if kind in ("attn1", "attn2") else ""
+        ax.set_ylabel(f"layer (module path in the denoiser{suffix})")
+        ax.tick_params(axis="x", labelsize=FONT)
+        step_axis(ax, n_steps)
+        ax.set_title(KIND_NAMES.get(kind, kind))
+    bar = fig.colorbar(image, ax=axes[0].tolist(), label=f"{_label(score)} (held-out images)")
+    bar.ax.axhline(chance, **CHANCE_STYLE)
+    bar.ax.text(-0.15, chance, f"chance {chance:.2f}", transform=bar.ax.get_yaxis_transform(),
+                ha="right", va="center", fontsize=FONT)
     fig.suptitle(title or "Attribute separability per layer and step")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def layer_ranking(ranking: pd.DataFrame, path: Path, score: str = "balanced_accuracy",
-                  selected: list[str] = (), title: str = "") -> Path:
-    """Horizontal bars of each layer's window-mean score, best at the top, coloured by kind."""
-    fig, ax = plt.subplots(figsize=(7, 1 + 0.25 * len(ranking)), constrained_layout=True)
+def layer_ranking(ranking: pd.DataFrame, path: Path, chance: float, window: range,
+                  score: str = "balanced_accuracy", selected: list[str] = (),
+                  title: str = "") -> Path:
+    """Horizontal bars of each layer's mean score over the steering window, best at the top,
+    coloured by kind, the selected layers outlined; the axis starts at or below chance."""
+    fig, ax = plt.subplots(figsize=(9, 1.6 + 0.27 * len(ranking)), constrained_layout=True)
     order = ranking.iloc[::-1]
     colours = [KIND_COLOURS.get(k, "grey") for k in order["kind"]]
     bars = ax.barh(range(len(order)), order[score], color=colours)
@@ -50,13 +77,20 @@ def layer_ranking(ranking: pd.DataFrame, path: Path, score: str = "balanced_accu
         if layer in selected:
             bar.set_edgecolor("black")
             bar.set_linewidth(2)
-    labels = [f"{short_name(n)} {k}" for n, k in zip(order["layer"], order["kind"], strict=True)]
-    ax.set_yticks(range(len(order)), labels, fontsize=7)
-    ax.set_xlim(min(0.5, order[score].min()) - 0.02, 1.0)
-    ax.set_xlabel(f"mean {score.replace('_', ' ')} over the steering window")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in KIND_COLOURS.values()]
-    ax.legend(handles, KIND_COLOURS, loc="lower right", fontsize=8)
-    ax.set_title(title or "Layers ranked by separability (outlined: selected)")
+    ax.set_yticks(range(len(order)), list(order["layer"]), fontsize=FONT)
+    ax.tick_params(axis="x", labelsize=FONT)
+    ax.set_xlim(min(chance, float(order[score].min())) - 0.02, 1.0)
+    ax.axvline(chance, **CHANCE_STYLE)
+    ax.set_xlabel(f"mean {_label(score)} over the steering window (steps {window.start}-"
+                  f"{window.stop - 1}; 0 = pure noise)")
+    kinds = list(dict.fromkeys(order["kind"]))
+    handles = [plt.Rectangle((0, 0), 1, 1, color=KIND_COLOURS.get(k, "grey")) for k in kinds]
+    handles += [plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", linewidth=2),
+                plt.Line2D([], [], **CHANCE_STYLE)]
+    labels = [KIND_NAMES.get(k, k) for k in kinds] + ["selected for steering",
+                                                      f"chance ({chance:.2f})"]
+    ax.legend(handles, labels, loc="lower right", fontsize=FONT)
+    ax.set_title(title or "Layers ranked by separability")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -68,26 +102,36 @@ def explicit_swap_comparison(swap: pd.DataFrame, implicit: pd.DataFrame, path: P
     (explicit conditioning), beside the layer's implicit separability."""
     layers = list(dict.fromkeys(swap["layer"]))
     classes = list(dict.fromkeys(swap["class"]))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 1.5 + 0.3 * len(layers)), sharey=True,
+    chance = 1 / len(classes)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 1.8 + 0.3 * len(layers)), sharey=True,
                                       constrained_layout=True)
     height = 0.8 / len(classes)
     for i, name in enumerate(classes):
         rows = swap[swap["class"] == name].set_index("layer").loc[layers]
-        left.barh(np.arange(len(layers)) + i * height, rows["rate"], height=height, label=name)
+        left.barh(np.arange(len(layers)) + i * height, rows["rate"], height=height,
+                  label=f"{name} (dotted: no swap)")
         left.axvline(rows["base_rate"].iloc[0], color=f"C{i}", linestyle=":", linewidth=1)
-    left.set_yticks(np.arange(len(layers)) + 0.4 - height / 2, [short_name(n) for n in layers],
-                    fontsize=7)
-    left.set_xlabel("share of images showing the class (dotted: no swap)")
+    left.set_yticks(np.arange(len(layers)) + 0.4 - height / 2, layers, fontsize=FONT)
+    left.set_ylabel("attn2 layer (module path in the denoiser)")
+    left.set_xlim(0, 1)
+    left.set_xlabel(f"share of images showing the class ({swap['n'].iloc[0]} images per bar)")
     left.set_title("Explicit conditioning: swap one attn2 layer's text")
-    left.legend(fontsize=8)
+    left.legend(fontsize=FONT, title="class", title_fontsize=FONT)
     mean = implicit.groupby("layer")[score].mean().reindex(layers)
     right.barh(np.arange(len(layers)) + 0.4 - height / 2, mean, color="tab:orange")
-    right.set_xlabel(f"mean {score.replace('_', ' ')} over all steps")
+    right.axvline(chance, **CHANCE_STYLE, label=f"chance ({chance:.2f})")
+    right.set_xlim(min(chance, float(mean.min())) - 0.02, 1.0)
+    right.set_xlabel(f"mean {_label(score)} over all steps (held-out images)")
     right.set_title("Implicit choice: probe separability at the same layers")
+    right.legend(fontsize=FONT, loc="lower right")
     left.invert_yaxis()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _label(score: str) -> str:
+    return score.replace("_", " ")
 
 
 GRID_TILE = 128  # pixels per image in a before/after grid: small images scaled up sharp (nearest),
@@ -100,20 +144,21 @@ def before_after_grid(before_images: list[Path], after_images: list[Path], befor
     """Two rows, same seeds: unsteered above, steered below, each labelled with its class; a
     steered image also with its target, framed where it shows the target ("missed" where
     not). Drawn with PIL alone: about 20 ms a grid (BENCHMARKS.md), no plotting library."""
-    tile, pad, caption, margin = GRID_TILE, 6, 30, 70
+    tile, pad, caption, margin, head = GRID_TILE, 6, 30, 70, 46
     font = ImageFont.load_default(size=12)
     title_font = ImageFont.load_default(size=14)
-    key = "framed: the steered image shows its target"
+    key = ("Each column is one seed: the base image above, the steered one below. Frame: the "
+           "steered image shows its target; \"missed\": it does not.")
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    heading = measure.textlength(title, font=title_font) + 3 * pad + measure.textlength(key, font)
-    width = max(margin + len(before_images) * (tile + pad), int(heading))
-    grid = Image.new("RGB", (width, 28 + 2 * (tile + caption + pad)), "white")
+    text_width = max(measure.textlength(title, font=title_font), measure.textlength(key, font))
+    width = max(margin + len(before_images) * (tile + pad), int(text_width) + 2 * pad)
+    grid = Image.new("RGB", (width, head + 2 * (tile + caption + pad)), "white")
     draw = ImageDraw.Draw(grid)
     draw.text((pad, 6), title, fill="black", font=title_font)
-    draw.text((width - pad - draw.textlength(key, font=font), 8), key, fill="black", font=font)
+    draw.text((pad, 26), key, fill="black", font=font)
     rows = ((before_images, before, [""] * len(before)), (after_images, after, targets))
     for row, (paths, labels, aims) in enumerate(rows):
-        top = 28 + row * (tile + caption + pad)
+        top = head + row * (tile + caption + pad)
         draw.text((pad, top + tile // 2 - 7), ("base", "steered")[row], fill="black", font=font)
         for i, (image_path, label, aim) in enumerate(zip(paths, labels, aims, strict=True)):
             left = margin + i * (tile + pad)
@@ -133,29 +178,52 @@ def before_after_grid(before_images: list[Path], after_images: list[Path], befor
 
 
 def class_distribution(table: pd.DataFrame, classes: list[str], target: np.ndarray, path: Path,
-                       title: str = "") -> Path:
-    """Share of each class per prompt, base against steered, with the target marked."""
+                       fd: dict[str, dict], title: str = "") -> Path:
+    """Share of each class among the decided images of each prompt, base against steered, the
+    target marked; each panel with its image count and FD, the title with the mean FD (`fd`:
+    the base and steered sections of metrics.json)."""
     prompts = list(dict.fromkeys(table["prompt"]))
-    columns = min(6, len(prompts))
+    columns = min(4, len(prompts))
     rows_of_panels = -(-len(prompts) // columns)
     fig, axes = plt.subplots(rows_of_panels, columns, squeeze=False, sharey=True,
-                             figsize=(2.3 * columns + 0.5, 2.8 * rows_of_panels),
-                             constrained_layout=True)
+                             figsize=(3.2 * columns + 0.6, 3.0 * rows_of_panels + 1.0),
+                             layout="constrained")
     for ax in axes.flat[len(prompts):]:
         ax.set_visible(False)
     x = np.arange(len(classes))
     for ax, prompt in zip(axes.flat, prompts, strict=False):
         rows = table[table["prompt"] == prompt]
-        for offset, column, name in ((-0.2, "base_label", "base"), (0.2, "label", "steered")):
-            share = [(rows[column] == k).mean() for k in classes]
-            ax.bar(x + offset, share, width=0.4, label=name)
-        ax.scatter(x, target, marker="_", s=400, color="black", label="target", zorder=3)
-        ax.set_xticks(x, classes, rotation=45, fontsize=7)
-        ax.set_title(prompt, fontsize=7)
+        for offset, column, colour in ((-0.2, "base_label", "tab:grey"),
+                                       (0.2, "label", "tab:purple")):
+            decided = rows[column][rows[column].isin(classes)]  # as FD counts them
+            share = [(decided == k).mean() if len(decided) else np.nan for k in classes]
+            ax.bar(x + offset, share, width=0.4, color=colour)
+        ax.scatter(x, target, marker="_", s=400, color="black", zorder=3)
+        ax.set_xticks(x, classes, rotation=30 if max(map(len, classes)) > 6 else 0,
+                      fontsize=FONT)
+        ax.tick_params(axis="y", labelsize=FONT)
+        ax.set_ylim(0, 1)
+        per = {side: fd[side]["per_prompt"][prompt] for side in ("base", "steered")}
+        ax.set_title(f"\"{prompt}\"\n{per['base']['n_images']} images each; FD "
+                     f"{per['base']['fd']:.2f} → {per['steered']['fd']:.2f}"
+                     f"{_undecided(per)}", fontsize=FONT + 1)
     for row in axes:
-        row[0].set_ylabel("share of images")
-    axes.flat[len(prompts) - 1].legend(fontsize=7)
-    fig.suptitle(title or "Class distribution per prompt")
+        row[0].set_ylabel("share of decided images")
+    handles = [plt.Rectangle((0, 0), 1, 1, color="tab:grey"),
+               plt.Rectangle((0, 0), 1, 1, color="tab:purple"),
+               plt.Line2D([], [], color="black", linewidth=2)]
+    fig.legend(handles, ["base (unsteered)", "steered (same seeds)", "target share"],
+               loc="outside lower center", ncols=3, fontsize=FONT + 1)
+    n_base, n_steered = fd["base"]["n_images"], fd["steered"]["n_images"]
+    fig.suptitle(f"{title or 'Class distribution per prompt'}\nFD (distance to the target, "
+                 f"mean over prompts; lower is better): base {fd['base']['fd']:.3f} → steered "
+                 f"{fd['steered']['fd']:.3f} ({n_base} + {n_steered} images)", fontsize=FONT + 2)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _undecided(per_prompt: dict[str, dict]) -> str:
+    """", undecided 3 / 1" when any image of the prompt has no label."""
+    counts = [per_prompt[side]["n_undecided"] for side in ("base", "steered")]
+    return f"; undecided {counts[0]} / {counts[1]}" if any(counts) else ""

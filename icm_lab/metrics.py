@@ -20,6 +20,7 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
+from icm_lab.errors import UserError
 from icm_lab.labeler import UNDECIDED
 from icm_lab.models.clip import Clip
 
@@ -112,21 +113,41 @@ def image_tensor(images: Sequence[Image.Image], size: tuple[int, int] | None = N
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
+def kid_subset(n_real: int, n_fake: int, size: int | None = None) -> int:
+    """Images per KID subset: `size`, or half of the smaller set (at most 1000, torchmetrics'
+    default), so that subsets differ and their spread (kid_std) means something."""
+    smaller = min(n_real, n_fake)
+    if size is None:
+        return max(2, min(1000, smaller // 2))
+    if size > smaller:
+        raise UserError(f"eval.kid_subset_size={size} exceeds the {smaller} images of the "
+                        "smaller set; lower it, or leave it null (half the set)")
+    return size
+
+
 def fid_kid(real: torch.Tensor, fake: torch.Tensor, feature: torch.nn.Module | int,
-            kid_subset: int = 1000) -> dict[str, float]:
-    """FID and KID (mean and std over subsets) of `fake` against `real`, float images in [0, 1].
-    At small N, FID is biased upwards; KID is unbiased, so report both."""
+            subset_size: int | None = None, subsets: int = 100, seed: int = 0
+            ) -> dict[str, float]:
+    """FID and KID (mean and std over `subsets` seeded random subsets) of `fake` against `real`,
+    float images in [0, 1]. At small N, FID is biased upwards; KID is unbiased (so it can be
+    slightly negative when the two sets are alike), so report both."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
     if len(real) < 2 or len(fake) < 2:
         raise ValueError(f"FID/KID need at least 2 images per set, got {len(real)} and "
                          f"{len(fake)}")
-    subset = min(kid_subset, len(real), len(fake))
+    subset = kid_subset(len(real), len(fake), subset_size)
     fid = FrechetInceptionDistance(feature=feature, normalize=True)
-    kid = KernelInceptionDistance(feature=feature, normalize=True, subset_size=subset)
+    with warnings.catch_warnings():  # KID keeps every feature in memory, as any KID must
+        warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will "
+                                "save all extracted features", category=UserWarning)
+        kid = KernelInceptionDistance(feature=feature, normalize=True, subset_size=subset,
+                                      subsets=subsets)
     for metric in (fid, kid):
         metric.update(real, real=True)
         metric.update(fake, real=False)
-    kid_mean, kid_std = kid.compute()
+    with torch.random.fork_rng(devices=[]):  # subsets drawn from torch's global generator
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
     return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}

@@ -103,10 +103,15 @@ class EvalConfig:
     n_images_per_prompt: int = 32
     features: str = "clip"  # FID/KID features: clip or inception
     reference_dir: str | None = None
+    kid_subset_size: int | None = None  # images per KID subset; None: half of the smaller set
+    kid_subsets: int = 100  # KID subsets drawn (seeded): kid_std is their spread
 
     def __post_init__(self) -> None:
         _count("eval.n_images_per_prompt", self.n_images_per_prompt)
         _choice("eval.features", self.features, ("clip", "inception"))
+        if self.kid_subset_size is not None:
+            _count("eval.kid_subset_size", self.kid_subset_size, minimum=2)
+        _count("eval.kid_subsets", self.kid_subsets)
 
 
 @dataclass

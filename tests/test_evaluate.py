@@ -1,5 +1,6 @@
 import json
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,9 @@ from icm_lab.metrics import (
     fairness,
     fairness_by_prompt,
     fid_kid,
+    kid_subset,
 )
+from icm_lab.errors import UserError
 from icm_lab.runner import run
 from tests.conftest import make_config
 
@@ -82,19 +85,49 @@ def test_fid_is_zero_against_itself_and_grows_with_shift(tiny_clip):
     assert moved["kid"] > 10 * abs(same["kid"])
 
 
+def test_kid_uses_seeded_subsets_and_warns_nothing(tiny_clip):
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(24, 3, 32, 32, generator=g)
+    shifted = (real + 0.2).clamp(0, 1)
+    feature = ClipImageFeatures(tiny_clip)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = fid_kid(real, shifted, feature, seed=1)
+    assert not [w for w in caught if "Kernel Inception" in str(w.message)]
+    assert fid_kid(real, shifted, feature, seed=1) == first  # reproducible
+    assert fid_kid(real, shifted, feature, seed=2)["kid"] != first["kid"]
+    assert first["kid_std"] > 1e-4  # subsets of half the set differ; all images gave 0
+
+
+def test_kid_subset_size():
+    assert kid_subset(96, 96) == 48
+    assert kid_subset(96, 40) == 20
+    assert kid_subset(3, 3) == 2  # the unbiased estimator needs two images
+    assert kid_subset(5000, 5000) == 1000
+    assert kid_subset(96, 96, size=30) == 30
+    with pytest.raises(UserError, match="eval.kid_subset_size=100 exceeds the 96 images"):
+        kid_subset(96, 120, size=100)
+
+
 @pytest.mark.slow
 def test_metrics_json_schema_and_method_none_is_neutral(tmp_path):
     cfg = make_config(f"paths.root={tmp_path}", "collect.n_images=30", "model.steps=4",
                       "eval.n_images_per_prompt=3", "method=none")
     run(cfg, tmp_path / "run")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    for key in ("model", "concept", "method", "layers", "alpha", "steps", "direction",
-                "classifier"):
+    for key in ("model", "concept", "method", "layers", "alpha", "step_window", "direction",
+                "halves", "renorm", "probe_set", "sampler", "labeler", "features",
+                "kid_subsets"):
         assert key in metrics
     # method=none adds no vector: no strength, window or direction is claimed for it.
     assert metrics["method"] == "none" and metrics["layers"] == []
-    assert metrics["alpha"] is None and metrics["steps"] is None
-    assert metrics["classifier"]["name"] == "clip"
+    assert metrics["alpha"] is None and metrics["step_window"] is None
+    assert metrics["labeler"]["name"] == "clip"
+    assert metrics["sampler"]["steps"] == 4
+    assert metrics["features"] == {"name": "clip", "image_tower_of": {
+        "clip": "icm-tiny-clip", "pretrained": None}}
+    assert metrics["kid_subsets"] == {"size": 18, "count": 100}  # half of 36 images
+    assert metrics["steered"]["kid_std"] > 0  # subsets differ
     for side in ("base", "steered"):
         for key in ("fd", "fd_soft", "kl", "deviation", "clip_t", "n_images", "n_undecided"):
             assert key in metrics[side], (side, key)

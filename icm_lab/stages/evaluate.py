@@ -1,19 +1,15 @@
 """Evaluate: fairness, quality and alignment of base and steered images.
 
-Writes `<run>/metrics.json`:
+Writes `<run>/metrics.json` (every key is defined in docs/metrics.md): the settings its numbers
+depend on (model, concept, method, layers, alpha, step_window, direction, halves, renorm,
+probe_set, sampler, classes, target, seed, labeler, features, kid_subsets, denoiser_calls) and
+a `base` and a `steered` section:
 
-    {"model", "concept", "method", "layers", "alpha", "steps", "direction", "classes", "target",
-     "seed", "classifier", "denoiser_calls",
-     "base":    {fd, fd_soft, kl, deviation, n_images, n_undecided, clip_t, per_prompt},
-     "steered": {... the same ..., clip_i, fid, kid, kid_std}}
+    "base":    {fd, fd_soft, kl, deviation, n_images, n_undecided, clip_t, per_prompt},
+    "steered": {... the same ..., clip_i, fid, kid, kid_std [, fid_reference, ...]}
 
-alpha, steps ([first, last + 1]) and direction are null for methods that add no vector.
-denoiser_calls counts, per upstream stage, the denoiser calls this run computed (0 for a stage
-whose artefacts were reused; a batch with classifier-free guidance is one call).
-fd/fd_soft/kl/deviation are per prompt, then averaged over prompts (per-prompt values under
-`per_prompt`). fid/kid compare the steered images with the unsteered images of the same
-prompts; with `eval.reference_dir`, `fid_reference`/`kid_reference` compare with that folder.
-The per-image table (`<run>/evaluate/images.parquet`/`.csv`) adds clip_t and clip_i per image.
+The per-image table (`<run>/evaluate/images.parquet`/`.csv`) adds clip_t and clip_i per image;
+`<run>/evaluate/distribution.png` charts the class shares per prompt with their FD.
 """
 
 from __future__ import annotations
@@ -21,6 +17,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
 
 from icm_lab.artefacts import write_json_atomic
 from icm_lab.errors import UserError
@@ -31,11 +32,14 @@ from icm_lab.metrics import (
     fairness_by_prompt,
     fid_kid,
     image_tensor,
+    kid_subset,
     load_images,
 )
+from icm_lab.models.clip import Clip
 from icm_lab.resources import Resources
 from icm_lab.schema import EvalConfig
 from icm_lab.stages.steer import SteerResult
+from icm_lab.steering import SteerPlan
 
 log = logging.getLogger(__name__)
 
@@ -48,39 +52,26 @@ def evaluate(res: Resources, cfg: EvalConfig, steered: SteerResult, seed: int,
         raise UserError("evaluate got zero images: eval.n_images_per_prompt and the concept's "
                         "eval_prompts must give at least one")
     classes, target = list(concept.classes), concept.target
-    base_paths, steered_paths = steered.image_paths()
-    base_images, steered_images = load_images(base_paths), load_images(steered_paths)
-
-    clip = res.clip
-    base_features = clip.encode_images(base_images)
-    steered_features = clip.encode_images(steered_images)
-    prompt_features = clip.encode_texts(list(table["prompt"]))
-    table["base_clip_t"] = clip_score(base_features, prompt_features).cpu().numpy()
-    table["clip_t"] = clip_score(steered_features, prompt_features).cpu().numpy()
-    table["clip_i"] = clip_score(steered_features, base_features).cpu().numpy()  # same seed
-
-    base = fairness_by_prompt(table, "base_label", "base_p_", classes, target)
-    after = fairness_by_prompt(table, "label", "p_", classes, target)
-    base["clip_t"] = float(table["base_clip_t"].mean())
-    after |= {"clip_t": float(table["clip_t"].mean()), "clip_i": float(table["clip_i"].mean())}
-    after |= quality(res, cfg, base_images, steered_images)
-
-    metrics = {
-        "model": res.model.name, "concept": concept.name, "method": plan.method,
-        "layers": plan.layers, "alpha": plan.alpha,
-        "steps": None if plan.start is None else [plan.start, plan.end],
-        "direction": plan.direction, "classes": classes, "target": target.tolist(),
-        "seed": seed, "classifier": res.labeler_description(),
-        "denoiser_calls": dict(denoiser_calls or {}), "base": base, "steered": after,
-    }
-    out = res.run_dir / "evaluate"
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(out / "images.parquet", index=False)
-    table.to_csv(out / "images.csv", index=False)
-    write_json_atomic(res.run_dir / "metrics.json", metrics)
-    strength = "" if plan.alpha is None else f", alpha {plan.alpha:g}"
-    figure = class_distribution(table, classes, target, out / "distribution.png",
-                                title=f"{concept.name}: {plan.method}{strength}")
+    with tqdm(total=3, desc="evaluate", unit="step") as bar:  # each step takes seconds
+        bar.set_postfix_str("CLIP-T and CLIP-I")
+        base_paths, steered_paths = steered.image_paths()
+        base_images, steered_images = load_images(base_paths), load_images(steered_paths)
+        clip_scores(res.clip, table, base_images, steered_images)
+        bar.update()
+        bar.set_postfix_str("FID and KID")
+        base = fairness_by_prompt(table, "base_label", "base_p_", classes, target)
+        after = fairness_by_prompt(table, "label", "p_", classes, target)
+        base["clip_t"] = float(table["base_clip_t"].mean())
+        after |= {"clip_t": float(table["clip_t"].mean()),
+                  "clip_i": float(table["clip_i"].mean())}
+        after |= quality(res, cfg, base_images, steered_images, seed)
+        bar.update()
+        bar.set_postfix_str("metrics.json and the chart")
+        metrics = {**settings(res, cfg, plan, len(table), seed), "classes": classes,
+                   "target": target.tolist(), "denoiser_calls": dict(denoiser_calls or {}),
+                   "base": base, "steered": after}
+        figure = write_results(res, table, metrics)
+        bar.update()
     summary = {f"{side}/{key}": value for side in ("base", "steered")
                for key, value in metrics[side].items() if isinstance(value, int | float)}
     res.tracker.log_metrics(summary)
@@ -90,17 +81,75 @@ def evaluate(res: Resources, cfg: EvalConfig, steered: SteerResult, seed: int,
     return metrics
 
 
-def quality(res: Resources, cfg: EvalConfig, base_images: list, steered_images: list) -> dict:
+def clip_scores(clip: Clip, table: pd.DataFrame, base_images: list, steered_images: list
+                ) -> None:
+    """Adds base_clip_t, clip_t and clip_i per image to `table`."""
+    base_features = clip.encode_images(base_images)
+    steered_features = clip.encode_images(steered_images)
+    prompt_features = clip.encode_texts(list(table["prompt"]))
+    table["base_clip_t"] = clip_score(base_features, prompt_features).cpu().numpy()
+    table["clip_t"] = clip_score(steered_features, prompt_features).cpu().numpy()
+    table["clip_i"] = clip_score(steered_features, base_features).cpu().numpy()  # same seed
+
+
+def settings(res: Resources, cfg: EvalConfig, plan: SteerPlan, n_images: int, seed: int
+             ) -> dict[str, Any]:
+    """What the numbers of metrics.json depend on; the steering ones are null for a method that
+    adds no vector (prompt, none). The rest is in the run's config.yaml."""
+    hooked = plan.alpha is not None
+    return {
+        "model": res.model.name, "concept": res.concept.name, "method": plan.method,
+        "layers": plan.layers, "alpha": plan.alpha,
+        "step_window": {"first": plan.start, "last": plan.end - 1} if hooked else None,
+        "direction": plan.direction, "halves": plan.halves if hooked else None,
+        "renorm": plan.renorm if hooked else None, "probe_set": plan.probe_set,
+        "sampler": {key: plan.model[key] for key in SAMPLER},
+        "seed": seed, "labeler": res.labeler_description(),
+        "features": features_description(res, cfg),
+        "kid_subsets": {"size": kid_subset(n_images, n_images, cfg.kid_subset_size),
+                        "count": cfg.kid_subsets},
+    }
+
+
+SAMPLER = ("scheduler", "steps", "guidance", "resolution", "dtype")  # of model=, for images
+
+
+def features_description(res: Resources, cfg: EvalConfig) -> dict[str, Any]:
+    """The FID/KID feature extractor."""
+    if cfg.features == "clip":
+        return {"name": "clip", "image_tower_of": res.clip_description()}
+    return {"name": "inception", "network": "torchmetrics' Inception-v3, 2048 pool features"}
+
+
+def write_results(res: Resources, table: pd.DataFrame, metrics: dict) -> Path:
+    """metrics.json, the per-image table and the distribution chart."""
+    out = res.run_dir / "evaluate"
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(out / "images.parquet", index=False)
+    table.to_csv(out / "images.csv", index=False)
+    write_json_atomic(res.run_dir / "metrics.json", metrics)
+    strength = "" if metrics["alpha"] is None else f", alpha {metrics['alpha']:g}"
+    return class_distribution(
+        table, metrics["classes"], np.asarray(metrics["target"]), out / "distribution.png",
+        fd={side: metrics[side] for side in ("base", "steered")},
+        title=f"{metrics['model']}, {metrics['concept']}: method {metrics['method']}{strength}"
+              f" (labels: {metrics['labeler']['name']})")
+
+
+def quality(res: Resources, cfg: EvalConfig, base_images: list, steered_images: list,
+            seed: int) -> dict:
     """FID/KID of the steered images against the base images, and against a reference folder."""
     feature = FEATURES[cfg.features](res.clip)
     steered = image_tensor(steered_images)
-    scores = fid_kid(image_tensor(base_images), steered, feature)
+    options = {"subset_size": cfg.kid_subset_size, "subsets": cfg.kid_subsets, "seed": seed}
+    scores = fid_kid(image_tensor(base_images), steered, feature, **options)
     if cfg.reference_dir:
         paths = sorted(p for p in Path(cfg.reference_dir).iterdir()
                        if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
         if not paths:
             raise UserError(f"eval.reference_dir={cfg.reference_dir} holds no .png/.jpg images")
         size = steered.shape[-2:]
-        against = fid_kid(image_tensor(load_images(paths), size=tuple(size)), steered, feature)
+        against = fid_kid(image_tensor(load_images(paths), size=tuple(size)), steered, feature,
+                          **options)
         scores |= {f"{key}_reference": value for key, value in against.items()}
     return scores

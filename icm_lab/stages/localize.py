@@ -115,8 +115,9 @@ def _fit_and_report(res: Resources, cfg: LocalizeConfig, probe: Probe, store: Ac
                                               len(classes))
     table = pd.concat(tables, ignore_index=True)
     probes = ProbeSet.write(root, provenance, classes, probe.name, fits, mean_diffs, table)
-    separability_heatmaps(table, root / "separability.png",
-                          title=f"{res.model.name}: {res.concept.name} separability")
+    separability_heatmaps(table, root / "separability.png", chance=1 / len(classes),
+                          title=f"{res.model.name}, {res.concept.name}: how well a linear probe "
+                                f"reads the {len(classes)} classes from each layer and step")
     return probes
 
 
@@ -182,7 +183,11 @@ def report_selection(res: Resources, probes: ProbeSet,
     write_json_atomic(res.run_dir / "selected_layers.json",
                       {"layers": names, "window": [selection.window.start,
                                                    selection.window.stop]})
-    figure = layer_ranking(ranking, res.run_dir / "layer_ranking.png", selected=names)
+    figure = layer_ranking(ranking, res.run_dir / "layer_ranking.png",
+                           chance=1 / len(probes.classes), window=selection.window,
+                           selected=names,
+                           title=f"{res.model.name}, {res.concept.name}: layers ranked by "
+                                 f"separability")
     best = probes.scores.groupby("kind")["balanced_accuracy"].max()
     log.info("localize: best balanced accuracy by kind %s; selected %s",
              json.dumps(best.round(3).to_dict()), names)

@@ -189,6 +189,12 @@ def draw_grids(result: SteerResult, per_grid: int = 8) -> list[Path]:
             *result.image_paths(shown),
             before=list(shown["base_label"]), after=list(shown["label"]),
             targets=list(shown["target"]), path=path,
-            title=f"{rows['prompt'].iloc[0]} (first {len(shown)} of {len(rows)} images)")
+            title=f"{rows['prompt'].iloc[0]} ({shown_of(len(shown), len(rows))})")
         paths.append(path)
     return paths
+
+
+def shown_of(shown: int, total: int) -> str:
+    """Which of a prompt's images a grid shows."""
+    return f"all {total} images" if shown == total else \
+        f"the first {shown} of {total} images, in seed order"
