@@ -10,9 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
-
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 KIND_COLOURS = {"attn1": "tab:blue", "attn2": "tab:orange", "bottleneck": "tab:green"}
 KIND_NAMES = {"attn1": "attn1 (self-attention)", "attn2": "attn2 (cross-attention)",

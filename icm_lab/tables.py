@@ -3,13 +3,14 @@
     python -m icm_lab.tables [--root outputs] [--out outputs/tables]
 
 Reads every run directory under `--root` (single runs and multirun jobs alike: any folder with
-a `metrics.json` or a `localize` link) and writes, as Markdown, LaTeX and CSV:
+a `metrics.json` or a `localize` link) and writes, as Markdown, LaTeX (booktabs) and CSV, with
+the same column names in all three (`COLUMNS`):
 - `localization`: per probe set (model, concept, probe backend, fingerprint) and layer kind,
   the best and mean separability (balanced accuracy) and the top layers by mean over steps;
 - `debiasing`: method x concept, FD, FD_soft, FID, KID (lower is better), CLIP-T, CLIP-I
   (higher is better), averaged over runs with the same settings;
 - `alpha_sweep`: FD against CLIP-I for each steering strength;
-and `fd_vs_clip_i.png`, FD against CLIP-I across alpha.
+and `fd_vs_clip_i.png`, FD against CLIP-I across alpha. Metrics: docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -26,8 +27,19 @@ import pandas as pd  # noqa: E402
 
 from icm_lab.models.adapters import short_name  # noqa: E402
 
-DEBIAS_METRICS = {"fd": "FD↓", "fd_soft": "FD_soft↓", "fid": "FID↓", "kid": "KID↓",
-                  "clip_t": "CLIP-T↑", "clip_i": "CLIP-I↑"}
+# The one name of each column, in every table and format (↓: lower is better, ↑: higher).
+COLUMNS = {
+    "model": "model", "concept": "concept", "method": "method", "alpha": "alpha",
+    "layers": "layers", "runs": "runs", "probe": "probe", "probe_set": "probe set",
+    "kind": "kind", "best": "best bal. acc. ↑", "mean": "mean bal. acc. ↑",
+    "top_layers": "top layers (mean bal. acc.)", "base_fd": "base FD",
+    "fd": "FD ↓", "fd_soft": "FD_soft ↓", "fid": "FID ↓", "kid": "KID ↓",
+    "clip_t": "CLIP-T ↑", "clip_i": "CLIP-I ↑",
+}
+DEBIAS_METRICS = ["fd", "fd_soft", "fid", "kid", "clip_t", "clip_i"]
+LAYER_KEY = ("Layer names are short: up1.a0.t0 is up_blocks.1.attentions.0.transformer_blocks.0 "
+             "(down/up block, attention a, transformer block t; mid = mid_block), t3 is Sana's "
+             "transformer_blocks.3.")
 
 
 def run_metrics(root: Path) -> pd.DataFrame:
@@ -67,19 +79,19 @@ def localization_table(root: Path) -> pd.DataFrame:
             top = per_layer.sort_values(ascending=False).head(3)
             rows.append({
                 "model": provenance["model"], "concept": provenance["concept"],
-                "probe": meta["backend"], "probe set": provenance["fingerprint"], "kind": kind,
+                "probe": meta["backend"], "probe_set": provenance["fingerprint"], "kind": kind,
                 "best": rows_of_kind["balanced_accuracy"].max(),
                 "mean": rows_of_kind["balanced_accuracy"].mean(),
-                "top layers": ", ".join(f"{short_name(n)} ({v:.2f})" for n, v in top.items()),
+                "top_layers": ", ".join(f"{short_name(n)} ({v:.2f})" for n, v in top.items()),
             })
     return pd.DataFrame(rows)
 
 
 def debiasing_table(runs: pd.DataFrame) -> pd.DataFrame:
     keys = ["model", "concept", "method", "alpha"]  # alpha is NaN for prompt and none
-    table = runs.groupby(keys, sort=True, dropna=False)[list(DEBIAS_METRICS)].mean()
+    table = runs.groupby(keys, sort=True, dropna=False)[["base_fd", *DEBIAS_METRICS]].mean()
     table["runs"] = runs.groupby(keys, dropna=False).size()
-    return table.rename(columns=DEBIAS_METRICS).reset_index()
+    return table.reset_index()
 
 
 def alpha_sweep_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -89,22 +101,71 @@ def alpha_sweep_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_table(table: pd.DataFrame, out: Path, name: str) -> None:
-    table.to_csv(out / f"{name}.csv", index=False)
-    (out / f"{name}.md").write_text(table.to_markdown(index=False, floatfmt=".3f") + "\n")
-    (out / f"{name}.tex").write_text(table.to_latex(index=False, float_format="%.3f"))
+    """`name`.csv, .md and .tex, all with the column names of COLUMNS; the key to the short
+    layer names below the Markdown and LaTeX tables that show them."""
+    shown = table.rename(columns=COLUMNS)
+    key = LAYER_KEY if {"layers", "top_layers"} & set(table.columns) else ""
+    shown.to_csv(out / f"{name}.csv", index=False)
+    (out / f"{name}.md").write_text(markdown(shown) + (f"\n\n{key}" if key else "") + "\n")
+    (out / f"{name}.tex").write_text(latex(shown, key))
+
+
+def _float_format(column: str) -> str:
+    return "g" if column == "alpha" else ".3f"  # alpha 15, not 15.000
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """A Markdown table; a missing value (alpha of a method that adds no vector) is "-"."""
+    cells = table.astype(object).where(table.notna(), None)
+    return cells.to_markdown(index=False, missingval="-",
+                             floatfmt=tuple(_float_format(c) for c in table.columns))
+
+
+# What pdflatex cannot take as is: TeX's special characters and the arrows of COLUMNS.
+LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                 "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                 "^": r"\textasciicircum{}", "↓": r"$\downarrow$", "↑": r"$\uparrow$"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(LATEX_ESCAPES.get(char, char) for char in text)
+
+
+def latex(table: pd.DataFrame, comment: str = "") -> str:
+    """A booktabs tabular (`\\usepackage{booktabs}`), every cell escaped; `comment` above it."""
+    align = "".join("r" if pd.api.types.is_numeric_dtype(table[c]) else "l" for c in table)
+    lines = [f"% {comment}"] if comment else []
+    lines += [f"\\begin{{tabular}}{{{align}}}", r"\toprule",
+              " & ".join(latex_escape(str(c)) for c in table.columns) + r" \\", r"\midrule"]
+    for row in table.itertuples(index=False):
+        cells = [_latex_cell(value, _float_format(column))
+                 for value, column in zip(row, table.columns, strict=True)]
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def _latex_cell(value: object, float_format: str) -> str:
+    if isinstance(value, float):
+        return "--" if pd.isna(value) else format(value, float_format)
+    return latex_escape(str(value))
 
 
 def fd_vs_clip_i(sweep: pd.DataFrame, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(5, 4), constrained_layout=True)
+    """FD against CLIP-I, one line per model, concept and layer set, each point an alpha."""
+    fig, ax = plt.subplots(figsize=(6, 5), layout="constrained")
     for (model, concept, layers), rows in sweep.groupby(["model", "concept", "layers"]):
         rows = rows.sort_values("alpha")
-        ax.plot(rows["clip_i"], rows["fd"], marker="o", label=f"{model} {concept}: {layers}")
+        ax.plot(rows["clip_i"], rows["fd"], marker="o", label=f"{model}, {concept}: {layers}")
         for _, row in rows.iterrows():
-            ax.annotate(f"{row['alpha']:g}", (row["clip_i"], row["fd"]), fontsize=7)
-    ax.set_xlabel("CLIP-I (faithfulness to the unsteered image) →")
-    ax.set_ylabel("FD (distance to the target distribution) ↓")
+            ax.annotate(f"alpha {row['alpha']:g}", (row["clip_i"], row["fd"]), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel(f"{COLUMNS['clip_i']}: faithfulness to the unsteered image (same seed)")
+    ax.set_ylabel(f"{COLUMNS['fd']}: distance to the target distribution")
+    ax.margins(0.15)  # room for the alpha labels
     ax.set_title("Steering strength: fairness against faithfulness")
-    ax.legend(fontsize=6)
+    fig.legend(fontsize=9, title="model, concept: steered layers", title_fontsize=9,
+               loc="outside lower center")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -131,9 +192,8 @@ def main() -> None:
     args = parser.parse_args()
     tables = make_tables(args.root, args.out)
     for name, table in tables.items():
-        print(f"\n## {name} ({len(table)} rows)\n")
-        print(table.to_markdown(index=False, floatfmt=".3f"))
-    print(f"\nwritten to {args.out}/ (.md, .tex, .csv)")
+        print(f"\n## {name}\n\n{markdown(table.rename(columns=COLUMNS))}")
+    print(f"\n{LAYER_KEY}\nWritten to {args.out}/ (.md, .tex for booktabs, .csv).")
 
 
 if __name__ == "__main__":

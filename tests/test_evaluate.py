@@ -9,6 +9,7 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
+from icm_lab.errors import UserError
 from icm_lab.metrics import (
     ClipImageFeatures,
     clip_score,
@@ -17,7 +18,6 @@ from icm_lab.metrics import (
     fid_kid,
     kid_subset,
 )
-from icm_lab.errors import UserError
 from icm_lab.runner import run
 from tests.conftest import make_config
 

@@ -1,9 +1,12 @@
 import json
+import re
+import shutil
+import subprocess
 
 import pandas as pd
 import pytest
 
-from icm_lab.tables import make_tables
+from icm_lab.tables import latex_escape, make_tables
 
 
 def write_run(directory, method, alpha, fd, clip_i, layers=("mid_block",)):
@@ -34,13 +37,16 @@ def test_tables_from_synthetic_run_directories(tmp_path):
 
     tables = make_tables(root, tmp_path / "tables")
     debias = markdown_rows(tmp_path / "tables" / "debiasing.md")
-    assert debias[0] == ["model", "concept", "method", "alpha", "FD↓", "FD_soft↓", "FID↓", "KID↓",
-                         "CLIP-T↑", "CLIP-I↑", "runs"]
-    assert ["tiny_sd15", "gender", "icm", "15.000", "0.150", "0.075", "10.000", "0.010",
+    assert debias[0] == ["model", "concept", "method", "alpha", "base FD", "FD ↓", "FD_soft ↓",
+                         "FID ↓", "KID ↓", "CLIP-T ↑", "CLIP-I ↑", "runs"]
+    assert ["tiny_sd15", "gender", "icm", "15", "0.500", "0.150", "0.075", "10.000", "0.010",
             "0.600", "0.750", "2"] in debias  # the mean of two runs
-    assert ["tiny_sd15", "gender", "none", "nan", "0.500", "0.250", "10.000", "0.010",
+    assert ["tiny_sd15", "gender", "none", "-", "0.500", "0.500", "0.250", "10.000", "0.010",
             "0.600", "1.000", "1"] in debias  # no strength for a method that adds no vector
     localization = markdown_rows(tmp_path / "tables" / "localization.md")
+    assert localization[0] == ["model", "concept", "probe", "probe set", "kind",
+                               "best bal. acc. ↑", "mean bal. acc. ↑",
+                               "top layers (mean bal. acc.)"]
     assert ["tiny_sd15", "gender", "logreg", "f1", "attn1", "0.900", "0.750",
             "mid.a0.t0 (0.75)"] in localization
     assert ["tiny_sd15", "gender", "logreg", "f1", "attn2", "0.700", "0.600",
@@ -49,11 +55,41 @@ def test_tables_from_synthetic_run_directories(tmp_path):
     sweep = tables["alpha_sweep"]
     assert list(sweep["alpha"]) == [5.0, 15.0]
     assert sweep["fd"].tolist() == pytest.approx([0.3, 0.15])
+    # One vocabulary: a metric has the same column name in every table and format.
+    sweep_md = markdown_rows(tmp_path / "tables" / "alpha_sweep.md")[0]
+    assert "FD ↓" in sweep_md and "CLIP-I ↑" in sweep_md
     for name in ("debiasing", "localization", "alpha_sweep"):
+        header = markdown_rows(tmp_path / "tables" / f"{name}.md")[0]
+        assert pd.read_csv(tmp_path / "tables" / f"{name}.csv").columns.tolist() == header
         for suffix in ("md", "tex", "csv"):
             assert (tmp_path / "tables" / f"{name}.{suffix}").exists()
-    assert "\\begin{tabular}" in (tmp_path / "tables" / "debiasing.tex").read_text()
     assert (tmp_path / "tables" / "fd_vs_clip_i.png").stat().st_size > 5000
+    check_latex(tmp_path / "tables")
+
+
+def check_latex(folder):
+    """Every .tex is escaped booktabs; with pdflatex installed, it compiles."""
+    texts = {path.name: path.read_text() for path in sorted(folder.glob("*.tex"))}
+    for name, text in texts.items():
+        body = "\n".join(line for line in text.splitlines() if not line.startswith("%"))
+        assert "\\toprule" in body and "\\bottomrule" in body, name
+        assert re.search(r"(?<!\\)_", body) is None, name  # every underscore escaped
+        assert body.isascii(), name  # arrows as $\downarrow$, nothing pdflatex rejects
+    assert "FD\\_soft $\\downarrow$" in texts["debiasing.tex"]
+    if shutil.which("pdflatex") is None:
+        return
+    body = "\n".join(f"\\input{{{name}}}\\par" for name in texts)
+    (folder / "all.tex").write_text("\\documentclass{article}\\usepackage{booktabs}\n"
+                                    f"\\begin{{document}}\n{body}\n\\end{{document}}\n")
+    result = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error",
+                             "all.tex"], cwd=folder, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:]
+
+
+def test_latex_escapes_what_tex_treats_specially():
+    assert latex_escape("FD_soft ↓ & 50% #1 {a} ~^$\\") == (
+        r"FD\_soft $\downarrow$ \& 50\% \#1 \{a\} \textasciitilde{}\textasciicircum{}\$"
+        r"\textbackslash{}")
 
 
 def markdown_rows(path):
