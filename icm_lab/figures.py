@@ -102,8 +102,8 @@ def explicit_swap_comparison(swap: pd.DataFrame, implicit: pd.DataFrame, path: P
     layers = list(dict.fromkeys(swap["layer"]))
     classes = list(dict.fromkeys(swap["class"]))
     chance = 1 / len(classes)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 1.8 + 0.3 * len(layers)), sharey=True,
-                                      constrained_layout=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 2.2 + 0.3 * len(layers)), sharey=True,
+                                      layout="constrained")
     height = 0.8 / len(classes)
     for i, name in enumerate(classes):
         rows = swap[swap["class"] == name].set_index("layer").loc[layers]
@@ -115,7 +115,8 @@ def explicit_swap_comparison(swap: pd.DataFrame, implicit: pd.DataFrame, path: P
     left.set_xlim(0, 1)
     left.set_xlabel(f"share of images showing the class ({swap['n'].iloc[0]} images per bar)")
     left.set_title("Explicit conditioning: swap one attn2 layer's text")
-    left.legend(fontsize=FONT, title="class", title_fontsize=FONT)
+    fig.legend(loc="outside lower left", ncols=len(classes), fontsize=FONT, title="class",
+               title_fontsize=FONT)
     mean = implicit.groupby("layer")[score].mean().reindex(layers)
     right.barh(np.arange(len(layers)) + 0.4 - height / 2, mean, color="tab:orange")
     right.axvline(chance, **CHANCE_STYLE, label=f"chance ({chance:.2f})")

@@ -20,7 +20,7 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
-from icm_lab.errors import UserError
+from icm_lab.errors import ModelUnavailable, UserError
 from icm_lab.labeler import UNDECIDED
 from icm_lab.models.clip import Clip
 
@@ -138,7 +138,12 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, feature: torch.nn.Module | i
         raise ValueError(f"FID/KID need at least 2 images per set, got {len(real)} and "
                          f"{len(fake)}")
     subset = kid_subset(len(real), len(fake), subset_size)
-    fid = FrechetInceptionDistance(feature=feature, normalize=True)
+    try:
+        fid = FrechetInceptionDistance(feature=feature, normalize=True)
+    except OSError as error:  # Inception's weights download on first use
+        raise ModelUnavailable(f"FID/KID could not get torchmetrics' Inception weights "
+                               f"({str(error).splitlines()[0][:200]}); use eval.features=clip"
+                               ) from error
     with warnings.catch_warnings():  # KID keeps every feature in memory, as any KID must
         warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will "
                                 "save all extracted features", category=UserWarning)

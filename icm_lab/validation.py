@@ -9,6 +9,7 @@ denoiser's config without loading weights.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from functools import partial
 from pathlib import Path
@@ -91,6 +92,11 @@ def _check_clip(clip: DictConfig, make: partial) -> None:
 
 
 def _check_paths(sections: dict[str, Any]) -> None:
+    if sections["eval"].features == "inception" and not importlib.util.find_spec(
+            "torch_fidelity"):
+        raise ConfigError("eval.features=inception needs torch-fidelity (`pip install "
+                          "torch-fidelity`; its Inception weights download on first use); "
+                          "eval.features=clip needs neither")
     reference = sections["eval"].reference_dir
     if reference and not Path(reference).is_dir():
         raise UserError(f"eval.reference_dir={reference!r} is not a folder of images")

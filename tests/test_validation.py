@@ -1,6 +1,7 @@
 """Fail fast: every user-facing value is refused when the config is composed, in one line that
 names the key, the bad value and the valid choices, before anything is loaded or written."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -71,6 +72,8 @@ REFUSED = [  # (overrides, what the one line must say)
                                                        "for clip.model=ViT-B-32; choose one of"),
     (["eval.kid_subsets=0"], "eval.kid_subsets=0 must be an integer >= 1"),
 ]
+if importlib.util.find_spec("torch_fidelity") is None:  # not a dependency of icm_lab
+    REFUSED.append((["eval.features=inception"], "eval.features=inception needs torch-fidelity"))
 
 
 @pytest.mark.parametrize("overrides,message", REFUSED,

@@ -188,7 +188,8 @@ def draw_grids(result: SteerResult, per_grid: int = 8) -> list[Path]:
         before_after_grid(
             *result.image_paths(shown),
             before=list(shown["base_label"]), after=list(shown["label"]),
-            targets=list(shown["target"]), path=path,
+            targets=[t if steered else "" for t, steered in zip(  # method=none: no target
+                shown["target"], shown["steered"], strict=True)], path=path,
             title=f"{rows['prompt'].iloc[0]} ({shown_of(len(shown), len(rows))})")
         paths.append(path)
     return paths
