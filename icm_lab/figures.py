@@ -82,7 +82,7 @@ def layer_ranking(ranking: pd.DataFrame, path: Path, chance: float, window: rang
     ax.axvline(chance, **CHANCE_STYLE)
     ax.set_xlabel(f"mean {_label(score)} over the steering window (steps {window.start}-"
                   f"{window.stop - 1}; 0 = pure noise)")
-    kinds = list(dict.fromkeys(order["kind"]))
+    kinds = [k for k in KIND_COLOURS if k in set(order["kind"])]
     handles = [plt.Rectangle((0, 0), 1, 1, color=KIND_COLOURS.get(k, "grey")) for k in kinds]
     handles += [plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", linewidth=2),
                 plt.Line2D([], [], **CHANCE_STYLE)]

@@ -110,10 +110,11 @@ def test_kid_subset_size():
 
 
 @pytest.mark.slow
-def test_metrics_json_schema_and_method_none_is_neutral(tmp_path):
+def test_metrics_json_schema_and_method_none_is_neutral(tmp_path, capfd):
     cfg = make_config(f"paths.root={tmp_path}", "collect.n_images=30", "model.steps=4",
                       "eval.n_images_per_prompt=3", "method=none")
     run(cfg, tmp_path / "run")
+    assert "evaluate: 100%" in capfd.readouterr().err  # its progress bar
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for key in ("model", "concept", "method", "layers", "alpha", "step_window", "direction",
                 "halves", "renorm", "probe_set", "sampler", "labeler", "features",
