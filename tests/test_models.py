@@ -1,3 +1,4 @@
+import diffusers
 import open_clip
 import pytest
 import torch
@@ -8,6 +9,7 @@ from icm_lab.models.adapters import ADAPTERS, adapter_for, layer_registry, short
 from icm_lab.models.layers import UnknownLayerError
 from icm_lab.models.loading import ModelLoadError
 from icm_lab.models.tokenizers import clip_tokenizer
+from icm_lab.runner import run
 from icm_lab.validation import build
 from tests.conftest import make_config
 
@@ -86,6 +88,33 @@ def test_missing_weights_give_a_clear_error(tmp_path):
     assert spec.registry_without_weights() is None  # nothing to read: the load says why
     with pytest.raises(ModelLoadError, match="model.pretrained="):
         spec.load()
+
+
+def test_offline_loads_read_the_cache_only(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE (set for the tests): from_pretrained gets local_files_only, so diffusers
+    neither tries the Hub nor advises local_files_only=False; its failure is one line."""
+    asked = {}
+
+    def from_pretrained(name, **kwargs):
+        asked.update(kwargs)
+        raise OSError("Error no file named model_index.json found\n(more lines)")
+
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", from_pretrained)
+    cfg = make_config("model=sd15", f"model.pretrained={tmp_path}", "model.device=cpu")
+    with pytest.raises(ModelLoadError) as error:
+        build(cfg.model, "model").load()
+    assert asked["local_files_only"] is True
+    assert str(error.value) == (f"could not load model=sd15 from {str(tmp_path)!r}: Error no "
+                                "file named model_index.json found")
+
+
+def test_weights_that_fail_to_load_leave_no_artefact_folder(tmp_path):
+    cfg = make_config("model=sd15", f"model.pretrained={tmp_path / 'empty'}", "model.device=cpu",
+                      "clip=tiny", f"paths.root={tmp_path}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "outputs").exists()  # no artefact folder, no lock
 
 
 def test_layers_command_prints_the_registry(capsys):
