@@ -18,6 +18,10 @@ def test_help_lists_groups_and_subcommands():
     assert result.returncode == 0, result.stderr
     assert "python -m icm_lab layers" in result.stdout
     assert "model: " in result.stdout and "tiny_sd15" in result.stdout
+    assert "concept: age, color, gender, race, size\n" in result.stdout
+    assert "concept/base" not in result.stdout  # the people concepts' shared part: no choice
+    assert "make tables" in result.stdout and "docs/metrics.md" in result.stdout
+    assert "icm_lab: starting" not in result.stdout  # help prints help only
 
 
 def test_console_script_is_installed():
