@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 import warnings
 
@@ -110,11 +111,15 @@ def test_kid_subset_size():
 
 
 @pytest.mark.slow
-def test_metrics_json_schema_and_method_none_is_neutral(tmp_path, capfd):
+def test_metrics_json_schema_and_method_none_is_neutral(tmp_path, capfd, caplog):
     cfg = make_config(f"paths.root={tmp_path}", "collect.n_images=30", "model.steps=4",
                       "eval.n_images_per_prompt=3", "method=none")
-    run(cfg, tmp_path / "run")
+    with caplog.at_level(logging.INFO, logger="icm_lab"):
+        run(cfg, tmp_path / "run")
     assert "evaluate: 100%" in capfd.readouterr().err  # its progress bar
+    steer_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("steer:")]
+    assert "steer: method=none (no layer is written to)" in steer_lines
+    assert not [line for line in steer_lines if "alpha" in line]  # none has no strength
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for key in ("model", "concept", "method", "layers", "alpha", "step_window", "direction",
                 "halves", "renorm", "probe_set", "sampler", "labeler", "features",

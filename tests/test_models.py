@@ -6,6 +6,7 @@ import torch
 from icm_lab.cli import layers_command
 from icm_lab.errors import ConfigError
 from icm_lab.models.adapters import ADAPTERS, adapter_for, layer_registry, short_name
+from icm_lab.models.clip import load_clip
 from icm_lab.models.layers import UnknownLayerError
 from icm_lab.models.loading import ModelLoadError
 from icm_lab.models.tokenizers import clip_tokenizer
@@ -115,6 +116,11 @@ def test_weights_that_fail_to_load_leave_no_artefact_folder(tmp_path):
     with pytest.raises(ModelLoadError):
         run(cfg, tmp_path / "run")
     assert not (tmp_path / "outputs").exists()  # no artefact folder, no lock
+
+
+def test_a_random_clip_is_loaded_without_open_clip_saying_so(caplog):
+    load_clip("icm-tiny-clip", None, "cpu")  # random on purpose: no warning for the user
+    assert not [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
 
 
 def test_layers_command_prints_the_registry(capsys):

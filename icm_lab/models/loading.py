@@ -145,6 +145,7 @@ class ModelSpec:
 
     def load(self) -> DiffusionPipeline:
         """The pipeline, on its device and dtype, with its configured scheduler."""
+        self.check_available()
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, device)
         pipe_cls = getattr(diffusers, self.pipeline)
@@ -168,7 +169,6 @@ class ModelSpec:
         # Loading takes seconds; its per-component progress bars would only bury the run's own.
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
-        self.check_available()
         try:  # offline: the cache only, so diffusers neither tries the Hub nor advises it
             return pipe_cls.from_pretrained(self.pretrained, dtype=dtype,
                                             local_files_only=hub_offline(), **kwargs)
