@@ -125,34 +125,76 @@ def kid_subset(n_real: int, n_fake: int, size: int | None = None) -> int:
     return size
 
 
-def fid_kid(real: torch.Tensor, fake: torch.Tensor, feature: torch.nn.Module | int,
-            subset_size: int | None = None, subsets: int = 100, seed: int = 0
-            ) -> dict[str, float]:
-    """FID and KID (mean and std over `subsets` seeded random subsets) of `fake` against `real`,
-    float images in [0, 1]. At small N, FID is biased upwards; KID is unbiased (so it can be
-    slightly negative when the two sets are alike), so report both."""
+class _Given(torch.nn.Module):
+    """Features extracted already, passed through: torchmetrics' FID takes a feature module."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def extract(images: torch.Tensor, feature: torch.nn.Module | int, batch: int = 64
+            ) -> torch.Tensor:
+    """`[N, d]` float64 features of float images in [0, 1]: a module's, or with an int,
+    torchmetrics' Inception pool features of that size (on 8-bit images, as it expects)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
+
+    if isinstance(feature, int):
+        try:
+            net = FrechetInceptionDistance(feature=feature).inception
+        except OSError as error:  # Inception's weights download on first use
+            raise ModelUnavailable(f"FID/KID could not get torchmetrics' Inception weights "
+                                   f"({str(error).splitlines()[0][:200]}); use "
+                                   "eval.features=clip") from error
+        feature = lambda chunk: net((chunk * 255).byte())  # noqa: E731
+    with torch.no_grad():
+        return torch.cat([feature(images[i:i + batch]).double()
+                          for i in range(0, len(images), batch)])
+
+
+def kid(real: torch.Tensor, fake: torch.Tensor, size: int, subsets: int, paired: bool,
+        seed: int) -> tuple[float, float]:
+    """KID of feature sets: the mean and standard deviation over `subsets` random subsets of
+    `size` rows of each (torchmetrics' unbiased polynomial-kernel MMD per subset). `paired`:
+    row i of both sets comes from one seed (steered against base images), so each draw takes
+    the two subsets from disjoint rows; the same images on both sides would pull the estimate
+    below zero."""
+    from torchmetrics.image.kid import poly_mmd
+
+    paired = paired and len(real) == len(fake) and 2 * size <= len(real)
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(subsets):
+        if paired:
+            rows = torch.randperm(len(real), generator=generator)
+            chosen = real[rows[:size]], fake[rows[size:2 * size]]
+        else:
+            chosen = (real[torch.randperm(len(real), generator=generator)[:size]],
+                      fake[torch.randperm(len(fake), generator=generator)[:size]])
+        values.append(poly_mmd(*chosen))
+    values = torch.stack(values)
+    return float(values.mean()), float(values.std(unbiased=False))
+
+
+def fid_kid(real: torch.Tensor, fake: torch.Tensor, feature: torch.nn.Module | int,
+            subset_size: int | None = None, subsets: int = 100, seed: int = 0,
+            paired: bool = False) -> dict[str, float]:
+    """FID and KID (mean and std over `subsets` seeded random subsets) of `fake` against `real`,
+    float images in [0, 1], each image's features computed once. At small N, FID is biased
+    upwards; KID is unbiased (so it can be slightly negative when the two sets are alike), so
+    report both. `paired`: image i of both sets shares a seed (see `kid`)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
 
     if len(real) < 2 or len(fake) < 2:
         raise ValueError(f"FID/KID need at least 2 images per set, got {len(real)} and "
                          f"{len(fake)}")
-    subset = kid_subset(len(real), len(fake), subset_size)
-    try:
-        fid = FrechetInceptionDistance(feature=feature, normalize=True)
-    except OSError as error:  # Inception's weights download on first use
-        raise ModelUnavailable(f"FID/KID could not get torchmetrics' Inception weights "
-                               f"({str(error).splitlines()[0][:200]}); use eval.features=clip"
-                               ) from error
-    with warnings.catch_warnings():  # KID keeps every feature in memory, as any KID must
-        warnings.filterwarnings("ignore", message="Metric `Kernel Inception Distance` will "
-                                "save all extracted features", category=UserWarning)
-        kid = KernelInceptionDistance(feature=feature, normalize=True, subset_size=subset,
-                                      subsets=subsets)
-    for metric in (fid, kid):
-        metric.update(real, real=True)
-        metric.update(fake, real=False)
-    with torch.random.fork_rng(devices=[]):  # subsets drawn from torch's global generator
-        torch.manual_seed(seed)
-        kid_mean, kid_std = kid.compute()
-    return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
+    size = kid_subset(len(real), len(fake), subset_size)
+    real, fake = extract(real, feature), extract(fake, feature)
+    fid = FrechetInceptionDistance(feature=_Given(real.shape[1]))
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    kid_mean, kid_std = kid(real, fake, size, subsets, paired, seed)
+    return {"fid": float(fid.compute()), "kid": kid_mean, "kid_std": kid_std}

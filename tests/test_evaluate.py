@@ -100,6 +100,18 @@ def test_kid_uses_seeded_subsets_and_warns_nothing(tiny_clip):
     assert first["kid_std"] > 1e-4  # subsets of half the set differ; all images gave 0
 
 
+def test_kid_of_paired_sets_draws_disjoint_seeds(tiny_clip):
+    """Steered image i and base image i share a seed. Subsets holding the same images on both
+    sides pull the unbiased estimate below zero; disjoint seeds leave it at zero."""
+    images = torch.rand(48, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    feature = ClipImageFeatures(tiny_clip)
+    paired = fid_kid(images, images, feature, paired=True)
+    shared = fid_kid(images, images, feature, paired=False)
+    assert abs(paired["kid"]) < paired["kid_std"]
+    assert shared["kid"] < -shared["kid_std"]
+    assert abs(paired["kid"]) < abs(shared["kid"]) / 5
+
+
 def test_kid_subset_size():
     assert kid_subset(96, 96) == 48
     assert kid_subset(96, 40) == 20

@@ -142,7 +142,7 @@ def quality(res: Resources, cfg: EvalConfig, base_images: list, steered_images: 
     feature = FEATURES[cfg.features](res.clip)
     steered = image_tensor(steered_images)
     options = {"subset_size": cfg.kid_subset_size, "subsets": cfg.kid_subsets, "seed": seed}
-    scores = fid_kid(image_tensor(base_images), steered, feature, **options)
+    scores = fid_kid(image_tensor(base_images), steered, feature, paired=True, **options)
     if cfg.reference_dir:
         paths = sorted(p for p in Path(cfg.reference_dir).iterdir()
                        if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
