@@ -164,7 +164,8 @@ def fd_vs_clip_i(sweep: pd.DataFrame, path: Path) -> Path:
     ax.set_ylabel(f"{COLUMNS['fd']}: distance to the target distribution")
     ax.margins(0.15)  # room for the alpha labels
     ax.set_title("Steering strength: fairness against faithfulness")
-    fig.legend(fontsize=9, title="model, concept: steered layers", title_fontsize=9,
+    fig.legend(fontsize=9, title="model, concept: steered layers (up1.a0.t0 = up_blocks.1."
+                                 "attentions.0.transformer_blocks.0)", title_fontsize=8,
                loc="outside lower center")
     fig.savefig(path, dpi=120)
     plt.close(fig)
