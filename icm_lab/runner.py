@@ -128,9 +128,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     tracker = pipeline.res.tracker  # started first, so a job that fails early still has its run
     exit_code = 1
     try:
-        # The model first: missing weights are reported before any artefact folder is made, and
-        # every stage set but a reused collection needs the model anyway.
+        # The model first, and the CLIP that evaluate will need: missing weights are reported
+        # before any artefact folder is made (every stage set but a reused collection needs
+        # the model anyway).
         pipeline.res.pipeline  # noqa: B018
+        if "evaluate" in stages:
+            pipeline.res.clip  # noqa: B018
         for stage in stages:
             pipeline.result(stage)
         exit_code = 0

@@ -85,11 +85,16 @@ def check_available(model: str, pretrained: str | None) -> None:
         raise choices_error("clip.pretrained", pretrained, tags, f" for clip.model={model}")
     repo = hub_repo(model, pretrained)
     if repo and hub_offline() and not local_folder(repo):
-        raise ModelUnavailable(
-            f"CLIP {model} ({pretrained}) needs the weights {repo!r}, which are not in the "
-            f"Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading them. Run `hf "
-            f"download {repo}` where there is network, or pass clip.pretrained=/path/to/"
-            "open_clip_model.safetensors")
+        raise _not_here(model, pretrained, repo, "are not in the Hugging Face cache, and "
+                        "HF_HUB_OFFLINE=1 forbids downloading them")
+
+
+def _not_here(model: str, pretrained: str, repo: str, why: str) -> ModelUnavailable:
+    """Missing CLIP weights: what is wrong, and the commands that fix it."""
+    return ModelUnavailable(
+        f"CLIP {model} ({pretrained}) needs the weights {repo!r}, which {why}. Run `hf "
+        f"download {repo}` where there is network, or pass clip.pretrained=/path/to/"
+        "open_clip_model.safetensors")
 
 
 def load_clip(model: str, pretrained: str | None = None, device: str = "auto",
@@ -105,11 +110,13 @@ def load_clip(model: str, pretrained: str | None = None, device: str = "auto",
             net, _, preprocess = open_clip.create_model_and_transforms(
                 model, pretrained=pretrained, device=torch_device)
     except RuntimeError as error:
-        advice = "pass clip.pretrained=/path/to/open_clip_model.safetensors"
-        if pretrained and not Path(pretrained).exists() and hub_repo(model, pretrained):
-            advice = (f"run `hf download {hub_repo(model, pretrained)}` where there is "
-                      f"network, or {advice}")
+        repo = hub_repo(model, pretrained) if pretrained and not Path(pretrained).exists() \
+            else None
+        if repo and not local_folder(repo):  # the Hub could not be reached
+            raise _not_here(model, pretrained, repo, "are not in the Hugging Face cache and "
+                            "could not be downloaded from the Hub") from error
         raise ModelUnavailable(f"could not load CLIP {model} with pretrained={pretrained!r}: "
-                               f"{str(error).splitlines()[0][:300]}; {advice}") from error
+                               f"{str(error).splitlines()[0][:300]}; pass clip.pretrained="
+                               "/path/to/open_clip_model.safetensors") from error
     net.eval()
     return Clip(net, preprocess, open_clip.get_tokenizer(model), torch_device, batch_size)
