@@ -182,7 +182,7 @@ def header_problem(path: Path) -> str | None:
 
 
 def digest(path: Path) -> str:
-    """A file's sha256; for a `.npy` array, the sha256 of its header and of each row's sha256
+    """A file's sha256; for a `.npy` array, the sha256 of its header and of each row's digest
     (`npy_digest`), which a writer filling rows in any order can compute as it goes."""
     if path.suffix == ".npy" and header_problem(path) is None:  # else its rows are unknown
         array = np.load(path, mmap_mode="r")
@@ -194,9 +194,11 @@ def digest(path: Path) -> str:
     return sha.hexdigest()
 
 
-def row_digests(rows: np.ndarray) -> list[str]:
-    """The sha256 of each row (first axis) of an array, as stored (C order)."""
-    return [hashlib.sha256(np.ascontiguousarray(row).data).hexdigest() for row in rows]
+def row_digests(rows: np.ndarray) -> list[bytes]:
+    """An 8-byte BLAKE2b digest of each row (first axis) of an array, as stored (C order):
+    short, since a store keeps them per sample and layer until it is sealed."""
+    return [hashlib.blake2b(np.ascontiguousarray(row).data, digest_size=8).digest()
+            for row in rows]
 
 
 def npy_header(path: Path) -> bytes:
@@ -216,5 +218,5 @@ def _read_npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype]:
     return shape, dtype
 
 
-def npy_digest(header: bytes, rows: list[str]) -> str:
-    return hashlib.sha256(header + "".join(rows).encode()).hexdigest()
+def npy_digest(header: bytes, rows: list[bytes]) -> str:
+    return hashlib.sha256(header + b"".join(rows)).hexdigest()

@@ -7,7 +7,7 @@
                                                                in raw activation space
                            L/direction_mean_diff [S, K, W]     the same from the difference of
                                                                class means, whatever the probe
-                         metadata: provenance, classes, backend
+                         metadata `icm_lab`: provenance, classes, backend (JSON)
     scores.parquet/.csv  one row per (layer, step): balanced_accuracy, accuracy, auroc, ...
     meta.json            classes, backend, layers, steps
     manifest.json        every file's size and hash, written last: the artefact is complete
@@ -80,8 +80,10 @@ class ProbeSet:
                         f"{layer}/direction": fit.directions(len(classes)),
                         f"{layer}/direction_mean_diff": mean_diffs[layer].directions(len(classes))}
         tensors = {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}
-        metadata = {"provenance": json.dumps(asdict(provenance)), "classes": json.dumps(classes),
-                    "backend": backend}
+        # One key: safetensors writes its metadata map in a random order, and equal probe sets
+        # must be equal files.
+        metadata = {"icm_lab": json.dumps({"provenance": asdict(provenance), "classes": classes,
+                                           "backend": backend}, sort_keys=True)}
         with atomic(root / cls.FILE) as tmp:
             save_file(tensors, tmp, metadata=metadata)
         write_table(scores, root / "scores.parquet")
