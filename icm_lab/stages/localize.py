@@ -114,11 +114,10 @@ def _fit_and_report(res: Resources, cfg: LocalizeConfig, probe: Probe, store: Ac
     fits, mean_diffs, tables = fit_all_layers(probe, store, decided, y, train, test,
                                               len(classes))
     table = pd.concat(tables, ignore_index=True)
-    probes = ProbeSet.write(root, provenance, classes, probe.name, fits, mean_diffs, table)
     separability_heatmaps(table, root / "separability.png", chance=1 / len(classes),
                           title=f"{res.model.name}, {res.concept.name}: how well a linear probe "
                                 f"reads the {len(classes)} classes from each layer and step")
-    return probes
+    return ProbeSet.write(root, provenance, classes, probe.name, fits, mean_diffs, table)
 
 
 def fit_all_layers(probe: Probe, store: ActivationStore, decided: np.ndarray, y: np.ndarray,
