@@ -62,9 +62,13 @@ def atomic(path: Path) -> Iterator[Path]:
         raise
 
 
-def write_json(path: Path, data: Any) -> None:
+def write_text(path: Path, text: str) -> None:
     with atomic(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+        tmp.write_text(text)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_table(table: pd.DataFrame, path: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from icm_lab.files import write_image
 from icm_lab.generation import Generator
 from icm_lab.models.adapters import layer_registry
 from icm_lab.models.loading import ModelSpec
@@ -41,7 +42,7 @@ def replay(argv: list[str]) -> int:
     originals = args.plan.parent / "images"
     same = 0
     for index, image in enumerate(images):
-        image.save(out / f"{index:06d}.png")
+        write_image(image, out / f"{index:06d}.png")
         original = originals / f"{index:06d}.png"
         same += original.exists() and np.array_equal(np.asarray(image),
                                                       np.asarray(Image.open(original)))

@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from icm_lab.errors import UserError
+from icm_lab.files import write_text
 from icm_lab.methods import SteeringMethod
 from icm_lab.resources import Resources
 from icm_lab.schema import STAGES, section
@@ -124,7 +125,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     validate(cfg)
     stages = [s for s in STAGES if s in cfg.stages]
     pipeline = Run(cfg, run_dir)
-    (pipeline.res.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_text(pipeline.res.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     tracker = pipeline.res.tracker  # started first, so a job that fails early still has its run
     exit_code = 1
     try:

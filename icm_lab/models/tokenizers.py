@@ -16,6 +16,8 @@ from pathlib import Path
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from transformers import CLIPTokenizer, PreTrainedTokenizerFast
 
+from icm_lab.files import write_text
+
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 CLIP_MAX_LENGTH = 77
 _N_MERGES = 49152 - 256 - 2  # the merge count CLIP was trained with
@@ -29,8 +31,9 @@ def clip_bpe_files(directory: Path) -> tuple[Path, Path]:
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
     vocab += [CLIP_BOS, CLIP_EOS]
     vocab_file, merges_file = directory / "vocab.json", directory / "merges.txt"
-    vocab_file.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    # Atomic: concurrent jobs may build the same cached files at once.
+    write_text(vocab_file, json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    write_text(merges_file, "#version: 0.2\n" + "\n".join(merges) + "\n")
     return vocab_file, merges_file
 
 

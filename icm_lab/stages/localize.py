@@ -178,7 +178,7 @@ def report_selection(res: Resources, probes: ProbeSet,
     ranking = rank_layers(probes.scores, selection.window)
     selected = selection.resolve(res.registry, probes.scores)
     names = [layer.name for layer in selected]
-    ranking.to_csv(res.run_dir / "layer_ranking.csv", index=False)
+    write_table(ranking, res.run_dir / "layer_ranking.csv")
     write_json_atomic(res.run_dir / "selected_layers.json",
                       {"layers": names, "window": [selection.window.start,
                                                    selection.window.stop]})
@@ -218,7 +218,7 @@ def explicit_swap(res: Resources, n_images: int, probes: ProbeSet, seed: int) ->
                          "base_rate": base[name] / len(plan), "n": len(plan),
                          "n_undecided": counts[UNDECIDED]})
     table = pd.DataFrame(rows)
-    table.to_csv(res.run_dir / "explicit_swap.csv", index=False)
+    write_table(table, res.run_dir / "explicit_swap.csv")
     write_table(table, res.run_dir / "explicit_swap.parquet")
     figure = explicit_swap_comparison(table, probes.scores[probes.scores["kind"] == "attn2"],
                                       res.run_dir / "explicit_swap.png")

@@ -13,13 +13,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from icm_lab.concepts import Concept
 from icm_lab.config import compose_config
+from icm_lab.files import write_json
 from icm_lab.labeler import ClipLabeler
 from icm_lab.resources import Resources
 from icm_lab.toy import world
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = compose_config(["model=toy", *args.overrides])
     report = measure(Resources(cfg, args.out.parent), args.per_prompt)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(f"{'':8} {'explicit':>9} {'implicit gap':>13} {'clip agrees':>12}")
     for attribute in ATTRIBUTES:
         r = report[attribute]

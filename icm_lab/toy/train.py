@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import icm_lab.models.clip  # noqa: F401  (registers the icm-toy-clip config with open_clip)
+from icm_lab.files import atomic, write_json
 from icm_lab.models.tiny import SD_SCHEDULER
 from icm_lab.models.tokenizers import clip_tokenizer
 from icm_lab.toy import world
@@ -286,15 +287,15 @@ def train(out: Path, s: Settings, device: torch.device) -> dict:
     )
     out.mkdir(parents=True, exist_ok=True)
     pipe.to(dtype=torch.float16).save_pretrained(out / "pipeline")
-    save_file({k: v.half().contiguous() for k, v in clip.state_dict().items()},
-              out / "clip.safetensors")
+    with atomic(out / "clip.safetensors") as tmp:
+        save_file({k: v.half().contiguous() for k, v in clip.state_dict().items()}, tmp)
     report = {
         "settings": asdict(s), "device": str(device), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "timings": timings, "scaling_factor": scaling,
         "final_loss": {name: float(np.mean(losses[-200:])) for name, losses in
                        (("vae", vae_losses), ("unet", unet_losses), ("clip", clip_losses))},
     }
-    (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "training.json", report)
     return report
 
 
