@@ -1,5 +1,6 @@
 """Sweeps at scale: the ready-made sweeps, launchers, shared and sharded artefacts."""
 
+import fcntl
 import json
 import subprocess
 import sys
@@ -123,6 +124,31 @@ def test_concurrent_jobs_share_one_uncorrupted_cache(tmp_path):
     assert not list(store.glob("**/.*.tmp")) and not list(store.glob("store/.*"))
     assert_same_store(ActivationStore(store), collect_store(tmp_path / "alone"))
     assert len([p for p in (artefacts / "localize").iterdir() if p.is_dir()]) == 1
+
+
+@pytest.mark.slow
+def test_a_crowded_cache_computes_each_shared_artefact_once(tmp_path):
+    """Eight jobs of one sweep, four at once (joblib), on one fresh artefact root: every job
+    finishes; collection, probes and base images are each computed by one job and reused by
+    the seven others; no lock is left held; every file is group-readable."""
+    sweep = tmp_path / "sweep"
+    result = icm_lab("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", *TINY,
+                     "steer.alpha=5,10,15,20", "layers.k=1,2", f"paths.root={tmp_path}",
+                     f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.name.isdigit())
+    assert len(jobs) == 8 and all((job / "metrics.json").exists() for job in jobs)
+    logs = [next(job.glob("*.log")).read_text() for job in jobs]
+    for reused in ("collect: reusing", "localize: reusing", "steer: reusing the base images"):
+        assert sum(reused in log for log in logs) == 7, reused  # computed exactly once
+    artefacts = tmp_path / "outputs" / "artefacts"
+    for stage in ("collect", "localize", "base"):
+        assert len([p for p in (artefacts / stage).iterdir() if p.is_dir()]) == 1, stage
+    for lock in artefacts.rglob("*.lock"):
+        with open(lock) as handle:  # raises BlockingIOError if some job still held it
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    for path in artefacts.rglob("*"):
+        assert path.stat().st_mode & 0o044 == 0o044, path  # group- and world-readable
 
 
 @pytest.mark.slow
