@@ -1,12 +1,15 @@
+from pathlib import Path
+
 import diffusers
 import open_clip
 import pytest
 import torch
+from open_clip.transformer import QuickGELU
 
 from icm_lab.cli import layers_command
 from icm_lab.errors import ConfigError
 from icm_lab.models.adapters import ADAPTERS, adapter_for, layer_registry, short_name
-from icm_lab.models.clip import load_clip
+from icm_lab.models.clip import builds_quick_gelu, check_available, load_clip, tag_quick_gelu
 from icm_lab.models.layers import UnknownLayerError
 from icm_lab.models.loading import ModelLoadError
 from icm_lab.models.tokenizers import clip_tokenizer
@@ -142,7 +145,7 @@ def test_full_size_sd15_registry_matches_the_paper_architecture():
 
 def test_experiment_is_a_delta_over_the_defaults():
     cfg = make_config("experiment=paper_sd15_gender")
-    assert cfg.model.name == "sd15" and cfg.clip.model == "ViT-L-14"
+    assert cfg.model.name == "sd15" and cfg.clip.model == "ViT-L-14-quickgelu"
     assert len(cfg.layers.select) == 3 and cfg.collect.n_images == 1000
 
 
@@ -170,3 +173,29 @@ def test_every_denoiser_class_has_one_adapter():
     assert set(ADAPTERS) == {"UNet2DConditionModel", "SanaTransformer2DModel"}
     assert short_name("up_blocks.1.attentions.0.transformer_blocks.0.attn1") == "up1.a0.t0"
     assert short_name("transformer_blocks.3.attn2") == "t3"
+
+
+SHIPPED_CLIPS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "clip").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED_CLIPS)
+def test_every_shipped_clip_builds_the_activation_its_weights_were_trained_with(name):
+    clip = make_config("model=sd15", f"clip={name}").clip
+    with torch.device("meta"):  # the architecture only: no weights, no memory
+        net = open_clip.create_model(clip.model, pretrained=None, device="meta")
+    built = {type(m) for m in net.modules() if isinstance(m, (QuickGELU, torch.nn.GELU))}
+    if clip.pretrained in open_clip.list_pretrained_tags_by_model(clip.model):
+        needs_quick = tag_quick_gelu(clip.model, clip.pretrained)  # open_clip's registry
+    else:  # random, or a checkpoint of our own trained with the config as it stands
+        needs_quick = builds_quick_gelu(clip.model)
+    assert built == {QuickGELU if needs_quick else torch.nn.GELU}
+
+
+def test_the_paper_clip_is_openai_vit_l14_with_quick_gelu():
+    clip = make_config("model=sd15").clip
+    assert (clip.model, clip.pretrained) == ("ViT-L-14-quickgelu", "openai")
+
+
+def test_a_clip_whose_tag_needs_another_activation_is_refused():
+    with pytest.raises(ConfigError, match="with QuickGELU.*use clip.model=ViT-L-14-quickgelu"):
+        check_available("ViT-L-14", "openai")

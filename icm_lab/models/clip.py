@@ -83,10 +83,34 @@ def check_available(model: str, pretrained: str | None) -> None:
                           "pretrained tags; pass the path of a checkpoint")
     if pretrained not in tags:
         raise choices_error("clip.pretrained", pretrained, tags, f" for clip.model={model}")
+    check_activation(model, pretrained)
     repo = hub_repo(model, pretrained)
     if repo and hub_offline() and not local_folder(repo):
         raise _not_here(model, pretrained, repo, "are not in the Hugging Face cache, and "
                         "HF_HUB_OFFLINE=1 forbids downloading them")
+
+
+def tag_quick_gelu(model: str, pretrained: str) -> bool:
+    """Whether the weights of an open_clip tag were trained with QuickGELU (OpenAI's were)."""
+    return bool(open_clip.get_pretrained_cfg(model, pretrained).get("quick_gelu", False))
+
+
+def builds_quick_gelu(model: str) -> bool:
+    """Whether open_clip builds `model` with QuickGELU (`ViT-L-14-quickgelu`) or GELU."""
+    return bool((open_clip.get_model_config(model) or {}).get("quick_gelu", False))
+
+
+def check_activation(model: str, pretrained: str) -> None:
+    """Refuse weights trained with another activation than the model builds: open_clip 3.x only
+    warns, and every label, CLIP-T and CLIP-I would be silently shifted."""
+    wanted = tag_quick_gelu(model, pretrained)
+    if wanted == builds_quick_gelu(model):
+        return
+    names = {True: "QuickGELU", False: "GELU"}
+    fixed = f"{model}-quickgelu" if wanted else model.removesuffix("-quickgelu")
+    hint = f"; use clip.model={fixed}" if fixed in open_clip.list_models() else ""
+    raise ConfigError(f"clip.pretrained={pretrained} was trained with {names[wanted]}, but "
+                      f"clip.model={model} builds {names[not wanted]}{hint}")
 
 
 def _not_here(model: str, pretrained: str, repo: str, why: str) -> ModelUnavailable:
