@@ -16,6 +16,7 @@ from icm_lab.models.tokenizers import clip_tokenizer
 from icm_lab.runner import run
 from icm_lab.validation import build
 from tests.conftest import make_config
+from tests.real_configs import SDXL_UNET, config_folder
 
 TWINS = ["tiny_sd15", "tiny_sdxl", "tiny_sana"]
 
@@ -75,6 +76,11 @@ def test_sdxl_twin_has_two_text_encoders(tiny):
     pipe, registry, _ = tiny("tiny_sdxl")
     assert pipe.text_encoder is not None and pipe.text_encoder_2 is not None
     assert any(".transformer_blocks.1." in name for name in registry.names("attn1"))
+    # The real SDXL's block layout at tiny widths: the same block types, several transformer
+    # layers in each cross-attention block (the real one has 2 and 10).
+    for key in ("down_block_types", "up_block_types", "mid_block_type", "addition_embed_type"):
+        assert pipe.unet.config[key] == type(pipe.unet.config[key])(SDXL_UNET[key])
+    assert min(pipe.unet.config.transformer_layers_per_block[1:]) > 1
 
 
 def test_unknown_layer_lists_the_valid_names(tiny):
@@ -141,6 +147,38 @@ def test_full_size_sd15_registry_matches_the_paper_architecture():
     assert sorted(set(table.width)) == [320, 640, 1280]
     paper = table.set_index("name").loc[list(make_config("layers=paper_sd15").layers.select)]
     assert list(paper.width) == [1280, 1280, 1280] and list(paper.resolution) == [8, 16, 16]
+
+
+
+def _full_size_registry(model: str, root: Path):
+    """The registry of `model=NAME` read from the real checkpoint's configs (no weights)."""
+    spec = build(make_config(f"model={model}",
+                             f"model.pretrained={config_folder(model, root)}").model, "model")
+    registry, adapter = spec.registry_without_weights()
+    return registry.table(), adapter
+
+
+def test_full_size_sdxl_registry_matches_the_real_unet(tmp_path):
+    table, adapter = _full_size_registry("sdxl", tmp_path)
+    assert adapter is ADAPTERS["UNet2DConditionModel"]
+    assert table.kind.value_counts().to_dict() == {"attn1": 70, "attn2": 70, "bottleneck": 1}
+    attn = table[table.kind == "attn1"]
+    # 1024 px / 8 = 128 latent; the plain first block halves it before any attention.
+    assert attn.groupby(["width", "resolution"]).size().to_dict() == {(640, 64): 10,
+                                                                        (1280, 32): 60}
+    # transformer_layers_per_block [1, 2, 10]: 10 transformer layers in the deepest blocks.
+    assert "up_blocks.0.attentions.2.transformer_blocks.9.attn1" in set(attn.name)
+    assert "mid_block.attentions.0.transformer_blocks.9.attn1" in set(attn.name)
+
+
+def test_full_size_sana_registry_matches_the_1600m_transformer(tmp_path):
+    table, adapter = _full_size_registry("sana", tmp_path)
+    assert adapter is ADAPTERS["SanaTransformer2DModel"]
+    assert table.kind.value_counts().to_dict() == {"attn1": 20, "attn2": 20}
+    # 70 heads x 32 = 2240 wide; 1024 px / 32 (DC-AE) = 32 latent, patch 1.
+    assert set(table.width) == {2240} and set(table.resolution) == {32}
+    assert list(table[table.kind == "attn1"].name) == [
+        f"transformer_blocks.{i}.attn1" for i in range(20)]
 
 
 def test_experiment_is_a_delta_over_the_defaults():
