@@ -6,13 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hydra
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from icm_lab.config import CONFIG_DIR, register_sweeps
 from icm_lab.errors import ConfigError, UserError
+from icm_lab.models.loading import resolve_device
 from icm_lab.runner import objective, run
 from icm_lab.store import ActivationStore
 from icm_lab.validation import validate
@@ -180,3 +184,49 @@ def test_objective_ranks_trials_under_the_clip_i_floor_behind_every_other(metric
     assert feasible == feasible_value
     assert feasible < nearly < infeasible  # infeasible trials ranked by their shortfall
     assert objective(cfg, None) is None
+
+
+def _job_devices(monkeypatch, tmp_path, gpus: int, jobs: int, **env: str) -> list[str]:
+    """`model.device=auto` resolved in each job of a real Hydra multirun (the basic launcher:
+    in this process, so the mocked GPU count holds), on a node with `gpus` GPUs."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    devices = []
+    (tmp_path / "job.yaml").parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "job.yaml").write_text("x: 0\n")
+
+    @hydra.main(config_path=str(tmp_path), config_name="job", version_base=None)
+    def job(cfg) -> None:
+        devices.append(str(resolve_device("auto")))
+
+    monkeypatch.setattr(sys, "argv", ["job", "-m", f"x={','.join(map(str, range(jobs)))}",
+                                      f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                                      "hydra/job_logging=none", "hydra/hydra_logging=none"])
+    # The multirun leaves its last job's HydraConfig set: restore it for the tests after this.
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)
+    job()
+    return devices
+
+
+def test_each_job_of_a_multirun_takes_its_own_gpu(monkeypatch, tmp_path):
+    for var in ("SLURM_LOCALID", "SUBMITIT_LOCAL_LOCALID"):
+        monkeypatch.delenv(var, raising=False)
+    assert _job_devices(monkeypatch, tmp_path / "a", gpus=4, jobs=6) == [
+        "cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0", "cuda:1"]  # job number modulo 4
+    # SLURM shows each task its own GPU: every job takes the only one it sees.
+    assert _job_devices(monkeypatch, tmp_path / "b", gpus=1, jobs=3) == ["cuda:0"] * 3
+    # Several tasks of one job on a node (SLURM_LOCALID) spread over its GPUs too.
+    assert _job_devices(monkeypatch, tmp_path / "c", gpus=4, jobs=2, SLURM_LOCALID="2") == [
+        "cuda:2", "cuda:3"]
+
+
+def test_a_single_run_and_explicit_devices_keep_their_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("SLURM_LOCALID", raising=False)
+    monkeypatch.delenv("SUBMITIT_LOCAL_LOCALID", raising=False)
+    assert resolve_device("auto") == torch.device("cuda", 0)  # no Hydra job: job number 0
+    assert resolve_device("cuda:3") == torch.device("cuda", 3)
+    assert resolve_device("cpu") == torch.device("cpu")

@@ -5,6 +5,7 @@ arguments every generation passes, and the layer registry read without loading w
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ import torch
 import transformers
 from accelerate import init_empty_weights
 from diffusers import DiffusionPipeline
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 
 from icm_lab.errors import ConfigError, ModelUnavailable, choices_error
 from icm_lab.models.adapters import ADAPTERS, ModelAdapter, adapter_for, layer_registry
@@ -65,9 +68,34 @@ logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(_DropHubFallba
 
 
 def resolve_device(device: str) -> torch.device:
+    """`auto`: this job's own GPU (`job_gpu`) when there is one, else the CPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", job_gpu(torch.cuda.device_count()))
     return torch.device(device)
+
+
+# Launchers that start several tasks of one job on a node number them in these variables.
+LOCAL_TASK_VARIABLES = ("SLURM_LOCALID", "SUBMITIT_LOCAL_LOCALID")
+
+
+def job_gpu(visible: int) -> int:
+    """The GPU index a job takes among the `visible` ones: (Hydra's job number + the launcher's
+    local task id) modulo `visible`. joblib runs every job of a sweep on one node with every GPU
+    visible, so without this they would all take cuda:0; SLURM and submitit's local executor
+    show each job only its own GPUs (CUDA_VISIBLE_DEVICES), where this gives 0 with one."""
+    local_task = next((int(os.environ[v]) for v in LOCAL_TASK_VARIABLES
+                       if os.environ.get(v, "").isdigit()), 0)
+    return (hydra_job_number() + local_task) % max(visible, 1)
+
+
+def hydra_job_number() -> int:
+    """`hydra.job.num` inside a multirun job; 0 in a single run or outside Hydra."""
+    if not HydraConfig.initialized():
+        return 0
+    number = OmegaConf.select(HydraConfig.get(), "job.num", default=0)
+    return number if isinstance(number, int) else 0
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
