@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -192,7 +193,9 @@ def sklearn_layer(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndar
     it in a worker: one BLAS/OpenMP thread. Balanced accuracies and the CPU seconds spent."""
     with single_threaded(), threadpoolctl.threadpool_limits(1):
         start = time.process_time()
-        probes, labels = torch.from_numpy(x), torch.from_numpy(y)
+        with warnings.catch_warnings():  # joblib hands workers read-only maps; only read here
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            probes, labels = torch.from_numpy(x), torch.from_numpy(y)
         fit = fit_probes("sklearn", probes[:, train], labels[train], 2)
         balanced = scores(fit.logits(probes[:, test]), labels[test], 2)["balanced_accuracy"]
         return balanced.numpy(), time.process_time() - start
