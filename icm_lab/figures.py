@@ -13,16 +13,13 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
+from icm_lab.models.adapters import block_name  # noqa: E402
+
 KIND_COLOURS = {"attn1": "tab:blue", "attn2": "tab:orange", "bottleneck": "tab:green"}
 KIND_NAMES = {"attn1": "attn1 (self-attention)", "attn2": "attn2 (cross-attention)",
               "bottleneck": "bottleneck (mid_block output)"}
 CHANCE_STYLE = {"color": "black", "linestyle": "--", "linewidth": 1}
 FONT = 8  # the smallest text in any figure: tick labels, legends
-
-
-def block_name(layer: str) -> str:
-    """The layer's module path without its attention suffix, which the panel names."""
-    return layer.removesuffix(".attn1").removesuffix(".attn2")
 
 
 def step_axis(ax: plt.Axes, n_steps: int) -> None:

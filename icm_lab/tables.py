@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -25,7 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from icm_lab.models.adapters import short_name  # noqa: E402
+from icm_lab.models.adapters import short_name, short_name_key  # noqa: E402
 
 # The one name of each column, in every table and format (↓: lower is better, ↑: higher).
 COLUMNS = {
@@ -37,9 +38,7 @@ COLUMNS = {
     "clip_t": "CLIP-T ↑", "clip_i": "CLIP-I ↑",
 }
 DEBIAS_METRICS = ["fd", "fd_soft", "fid", "kid", "clip_t", "clip_i"]
-LAYER_KEY = ("Layer names are short: up1.a0.t0 is up_blocks.1.attentions.0.transformer_blocks.0 "
-             "(down/up block, attention a, transformer block t; mid = mid_block), t3 is Sana's "
-             "transformer_blocks.3.")
+LAYER_KEY = short_name_key()
 
 
 def run_metrics(root: Path) -> pd.DataFrame:
@@ -164,9 +163,8 @@ def fd_vs_clip_i(sweep: pd.DataFrame, path: Path) -> Path:
     ax.set_ylabel(f"{COLUMNS['fd']}: distance to the target distribution")
     ax.margins(0.15)  # room for the alpha labels
     ax.set_title("Steering strength: fairness against faithfulness")
-    fig.legend(fontsize=9, title="model, concept: steered layers (up1.a0.t0 = up_blocks.1."
-                                 "attentions.0.transformer_blocks.0)", title_fontsize=8,
-               loc="outside lower center")
+    fig.legend(fontsize=9, title=f"model, concept: steered layers\n{textwrap.fill(LAYER_KEY, 80)}",
+               title_fontsize=8, loc="outside lower center")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

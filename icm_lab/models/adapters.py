@@ -25,6 +25,7 @@ from icm_lab.models.layers import LayerInfo, LayerRegistry
 
 class ModelAdapter:
     denoiser_class: ClassVar[str]  # the diffusers class this adapter knows
+    short_name_key: ClassVar[str]  # how short_name abbreviates, for readers of tables
     denoiser_attr: ClassVar[str]  # the pipeline attribute that holds the denoiser
     sample_arg: ClassVar[str]  # the denoiser's forward argument carrying the latents
     timestep_arg: ClassVar[str] = "timestep"
@@ -103,6 +104,9 @@ class UNetAdapter(ModelAdapter):
         return pipe.encode_prompt(prompt=prompts, device=pipe.device, num_images_per_prompt=1,
                                   do_classifier_free_guidance=False)[0]
 
+    short_name_key = ("up1.a0.t0 is up_blocks.1.attentions.0.transformer_blocks.0 (down/up "
+                      "block, attention a, transformer block t; mid = mid_block)")
+
     def short_name(self, name: str) -> str:
         """`up_blocks.1.attentions.0.transformer_blocks.0.attn1` -> `up1.a0.t0`."""
         short = re.sub(r"(down|up)_blocks\.(\d+)", r"\1\2", name)
@@ -137,6 +141,8 @@ class DiTAdapter(ModelAdapter):
                                         device=pipe.device, **options)
         net = self.denoiser(pipe)  # Sana projects and normalises the caption in the transformer
         return net.caption_norm(net.caption_projection(embeds))
+
+    short_name_key = "t3 is Sana's transformer_blocks.3"
 
     def short_name(self, name: str) -> str:
         """`transformer_blocks.3.attn1` -> `t3`."""
@@ -178,6 +184,17 @@ def layer_registry(pipe: DiffusionPipeline, resolution: int) -> LayerRegistry:
     adapter = adapter_for(pipe)
     return LayerRegistry(adapter.walk(adapter.denoiser(pipe),
                                       resolution // pipe.vae_scale_factor))
+
+
+def block_name(name: str) -> str:
+    """A layer's module path without its attention suffix (figures name the kind apart)."""
+    return re.sub(r"\.attn[12]$", "", name)
+
+
+def short_name_key() -> str:
+    """What the short names of every family stand for."""
+    return "Layer names are short: " + "; ".join(a.short_name_key for a in ADAPTERS.values()) \
+        + "."
 
 
 def short_name(name: str) -> str:
