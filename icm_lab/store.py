@@ -27,17 +27,17 @@ line, and never later as a crash while writing into a memory map.
 from __future__ import annotations
 
 import errno
+import functools
 import mmap
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from icm_lab.artefacts import (
     Provenance,
@@ -51,7 +51,7 @@ from icm_lab.artefacts import (
     write_json_atomic,
 )
 from icm_lab.errors import UserError
-from icm_lab.files import disk_full, remove_dead_temporaries, write_image, write_table
+from icm_lab.files import disk_full, remove_dead_temporaries, write_table
 from icm_lab.models.layers import LayerInfo
 
 DIGESTS = "_digests"  # a marker's column: each sample's row digests, layer by layer
@@ -255,26 +255,36 @@ def io_per_byte_stored(make_store: Callable[[], ActivationStore]) -> dict[str, f
     """This process's I/O while `make_store()` runs (e.g. a fresh collect), per byte of the
     store it returns (its `store/` folder; `stored_bytes`), from Linux's /proc/self/io:
     `write_bytes` and `read_bytes` count what reached the storage layer (memory-mapped writes
-    included, in whole pages; nothing on tmpfs; page-cache hits are not reads), `wchar` and
-    `rchar` only bytes passed to write and read calls. `images` is what writing the images
-    beside the store adds to `write_bytes` (measured by writing them again, with the same
-    writer, in a scratch folder beside the store: small files cost more than their size), so
-    the store's own writes are `write_bytes - images`, about 1.0 since collect writes each
-    activation byte once."""
+    included, in whole pages, when they are dirtied; nothing on tmpfs; page-cache hits are not
+    reads), `wchar` and `rchar` only bytes passed to write and read calls. `store_writes` and
+    `store_reads` are the parts spent inside `StoreWriter` (arrays, markers, finalize): about
+    1.0 and 0.0, since collect writes each activation byte once and reads none back; the rest
+    is the images, logs and model weights."""
+    spent = {"write_bytes": 0, "read_bytes": 0}
+
+    def counted(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def measured(*args: object, **kwargs: object) -> object:
+            start = _io_counters()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                end = _io_counters()
+                for key in spent:
+                    spent[key] += end[key] - start[key]
+        return measured
+
+    methods = {name: counted(getattr(StoreWriter, name))
+               for name in ("__init__", "write_batch", "finalize")}
     before = _io_counters()
-    store = make_store()
+    with patch.multiple(StoreWriter, **methods):
+        store = make_store()
     after = _io_counters()
     stored = sum(path.stat().st_size for path in (store.root / "store").iterdir())
     delta = {key: (after[key] - before[key]) / stored
              for key in ("write_bytes", "read_bytes", "wchar", "rchar")}
-    images = sorted(store.root.glob("images/*.png"))
-    with tempfile.TemporaryDirectory(dir=store.root.parent) as scratch:
-        start = _io_counters()["write_bytes"]
-        for path in images:
-            with Image.open(path) as image:
-                write_image(image, Path(scratch) / path.name)
-        written = _io_counters()["write_bytes"] - start
-    return {"stored_bytes": stored, **delta, "images": written / stored}
+    return {"stored_bytes": stored, **delta, "store_writes": spent["write_bytes"] / stored,
+            "store_reads": spent["read_bytes"] / stored}
 
 
 def _io_counters() -> dict[str, int]:

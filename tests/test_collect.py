@@ -213,10 +213,10 @@ def test_each_activation_byte_is_written_once(tmp_path):
         return writer.finalize()
 
     io = io_per_byte_stored(make_store)
-    assert io["stored_bytes"] > 2 * 256 * 20 * 1024 * 2 and io["images"] == 0
+    assert io["stored_bytes"] > 2 * 256 * 20 * 1024 * 2
     if io["write_bytes"] == 0:
         pytest.skip("this filesystem (tmpfs?) counts no writes in /proc/self/io")
-    assert 0.95 <= io["write_bytes"] <= 1.05
+    assert 0.95 <= io["store_writes"] <= io["write_bytes"] <= 1.05
 
 
 def test_concurrent_writers_fill_one_store(tmp_path):
