@@ -32,6 +32,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from icm_lab.models.adapters import adapter_for
 from icm_lab.models.layers import LayerRegistry
+from icm_lab.models.loading import like_parameters
 
 
 class Intervention:
@@ -125,7 +126,7 @@ class SwapContext(Intervention):
         return replace(self, context=self.context[start:stop])
 
     def attach(self, module: torch.nn.Module, state: StepState, net: torch.nn.Module):
-        context = _like_parameters(self.context, net)
+        context = like_parameters(self.context, net)
 
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict):
             if not self.active(state):
@@ -335,7 +336,7 @@ class _AddHook:
     def __init__(self, intervention: AddVector, state: StepState, net: torch.nn.Module):
         self.spec = intervention
         self.state = state
-        self.vectors = _like_parameters(intervention.vectors, net)
+        self.vectors = like_parameters(intervention.vectors, net)
         nonzero = self.vectors.reshape(len(self.vectors), -1).abs().sum(dim=1) > 0
         self.active = torch.nonzero(nonzero).flatten()
 
@@ -367,9 +368,3 @@ class _AddHook:
             after = after * scale
         out[rows] = after  # in place: untouched rows stay bit-for-bit what the layer produced
         return output
-
-
-def _like_parameters(tensor: torch.Tensor, net: torch.nn.Module) -> torch.Tensor:
-    """`tensor` on the device and in the dtype of `net`'s weights, moved once before denoising."""
-    param = next(net.parameters())
-    return tensor.to(param.device, param.dtype)

@@ -34,7 +34,7 @@ from torchvision.transforms.functional import normalize, to_tensor
 from icm_lab.concepts import Concept
 from icm_lab.errors import ConfigError, UserError
 from icm_lab.models.clip import Clip
-from icm_lab.models.loading import resolve_device
+from icm_lab.models.loading import like_parameters, resolve_device
 from icm_lab.toy import world
 
 UNDECIDED = "undecided"
@@ -92,7 +92,7 @@ class ClipLabeler:
 
     def __call__(self, images: list[Image.Image]) -> Labels:
         _check_images(images)
-        similarity = (self.clip.encode_images(images) @ self.text_features.T).cpu()  # [n, texts]
+        similarity = self.clip.encode_images(images) @ self.text_features.T  # [n, texts], CPU
         scores = torch.full((len(images), len(self.classes)), -torch.inf)
         scores = scores.scatter_reduce(
             1, self.group.expand(len(images), -1), similarity, reduce="amax"
@@ -197,7 +197,7 @@ class FairFaceLabeler:
             chunk = crops[start:start + self.batch_size]
             batch = torch.stack([normalize(to_tensor(c), [0.485, 0.456, 0.406],
                                            [0.229, 0.224, 0.225]) for _, c in chunk])
-            logits = self.model(batch.to(self.device)).float().cpu()[:, self.head]
+            logits = self.model(like_parameters(batch, self.model)).float().cpu()[:, self.head]
             probs[[i for i, _ in chunk]] = (torch.softmax(logits, dim=1) @ self.mapping).numpy()
         return decide(self.classes, probs, self.min_confidence)
 

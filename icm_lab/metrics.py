@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,7 +23,11 @@ from PIL import Image
 
 from icm_lab.errors import ModelUnavailable, UserError
 from icm_lab.labeler import UNDECIDED
-from icm_lab.models.clip import Clip
+from icm_lab.models.clip import Clip, open_image
+from icm_lab.models.loading import like_parameters
+
+# An image set: a [N, 3, H, W] float tensor in [0, 1], or PIL images or image files.
+Images = torch.Tensor | Sequence[Image.Image | str | Path]
 
 
 def fairness(labels: Sequence[str], probs: np.ndarray, classes: Sequence[str],
@@ -71,12 +76,14 @@ def clip_score(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class ClipImageFeatures(torch.nn.Module):
-    """A CLIP image tower as a torchmetrics feature extractor: float images in [0, 1],
-    `[N, 3, H, W]`, resized and normalised as CLIP expects, to `[N, embed_dim]` features."""
+    """A CLIP image tower as a FID/KID feature extractor: one batch of float images in [0, 1],
+    `[N, 3, H, W]`, resized and normalised as CLIP expects, to `[N, embed_dim]` float32 CPU
+    features (`Clip.encode_pixels` moves it to the model and back). `extract` feeds it
+    `batch_size` images at a time."""
 
     def __init__(self, clip: Clip):
         super().__init__()
-        self.clip = clip
+        self.clip, self.batch_size = clip, clip.batch_size
         visual = clip.model.visual
         self.size = visual.image_size if isinstance(visual.image_size, tuple) else (
             visual.image_size, visual.image_size)
@@ -90,18 +97,42 @@ class ClipImageFeatures(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         images = torch.nn.functional.interpolate(images.float(), size=self.size, mode="bicubic",
                                                  align_corners=False).clamp(0, 1)
-        return self.clip.model.encode_image((images - self.mean) / self.std).float()
+        return self.clip.encode_pixels((images - self.mean) / self.std)
 
 
-# eval.features: the FID/KID feature extractor, from the run's CLIP or torchmetrics' Inception.
-FEATURES = {
-    "clip": ClipImageFeatures,
-    "inception": lambda clip: 2048,  # torchmetrics' Inception-v3 pool features
-}
+class InceptionFeatures(torch.nn.Module):
+    """Inception-v3 pool features of one batch of float images in [0, 1], fed to `net` as the
+    8-bit images torchmetrics' network expects, on its device; float32 CPU features."""
+
+    def __init__(self, net: torch.nn.Module, batch_size: int, num_features: int = 2048):
+        super().__init__()
+        self.net, self.batch_size, self.num_features = net, batch_size, num_features
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(like_parameters((images * 255).byte(), self.net)).float().cpu()
 
 
-def load_images(paths: Sequence) -> list[Image.Image]:
-    return [Image.open(p).convert("RGB") for p in paths]
+def inception_features(clip: Clip) -> InceptionFeatures:
+    """torchmetrics' Inception-v3 (2048 pool features) on the run's device (the CLIP's)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    try:
+        net = FrechetInceptionDistance(feature=2048).inception
+    except OSError as error:  # Inception's weights download on first use
+        raise ModelUnavailable(f"FID/KID could not get torchmetrics' Inception weights "
+                               f"({str(error).splitlines()[0][:200]}); use "
+                               "eval.features=clip") from error
+    return InceptionFeatures(net.to(clip.device), clip.batch_size)
+
+
+# eval.features: the FID/KID feature extractor, given the run's CLIP (device and batch size).
+FEATURES = {"clip": ClipImageFeatures, "inception": inception_features}
+
+
+def load_images(images: Sequence) -> list[Image.Image]:
+    """RGB images from PIL images or files."""
+    return [open_image(image) for image in images]
 
 
 def image_tensor(images: Sequence[Image.Image], size: tuple[int, int] | None = None
@@ -136,23 +167,16 @@ class _Given(torch.nn.Module):
         return features
 
 
-def extract(images: torch.Tensor, feature: torch.nn.Module | int, batch: int = 64
+def extract(images: Images, feature: torch.nn.Module, size: tuple[int, int] | None = None
             ) -> torch.Tensor:
-    """`[N, d]` float64 features of float images in [0, 1]: a module's, or with an int,
-    torchmetrics' Inception pool features of that size (on 8-bit images, as it expects)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    if isinstance(feature, int):
-        try:
-            net = FrechetInceptionDistance(feature=feature).inception
-        except OSError as error:  # Inception's weights download on first use
-            raise ModelUnavailable(f"FID/KID could not get torchmetrics' Inception weights "
-                                   f"({str(error).splitlines()[0][:200]}); use "
-                                   "eval.features=clip") from error
-        feature = lambda chunk: net((chunk * 255).byte())  # noqa: E731
+    """`[N, d]` float64 CPU features of images: a `[N, 3, H, W]` float tensor in [0, 1], or PIL
+    images or files, decoded (and resized to `size`, height and width) `feature.batch_size` at
+    a time, so an image set of any size is never held in memory at once."""
+    batch = feature.batch_size
+    chunks = (images[i:i + batch] for i in range(0, len(images), batch))
     with torch.no_grad():
-        return torch.cat([feature(images[i:i + batch]).double()
-                          for i in range(0, len(images), batch)])
+        return torch.cat([feature(chunk if isinstance(chunk, torch.Tensor) else image_tensor(
+            load_images(chunk), size)).double() for chunk in chunks])
 
 
 def kid(real: torch.Tensor, fake: torch.Tensor, size: int, subsets: int, paired: bool,
@@ -179,11 +203,12 @@ def kid(real: torch.Tensor, fake: torch.Tensor, size: int, subsets: int, paired:
     return float(values.mean()), float(values.std(unbiased=False))
 
 
-def fid_kid(real: torch.Tensor, fake: torch.Tensor, feature: torch.nn.Module | int,
+def fid_kid(real: Images, fake: Images, feature: torch.nn.Module,
             subset_size: int | None = None, subsets: int = 100, seed: int = 0,
-            paired: bool = False) -> dict[str, float]:
+            paired: bool = False, real_size: tuple[int, int] | None = None) -> dict[str, float]:
     """FID and KID (mean and std over `subsets` seeded random subsets) of `fake` against `real`,
-    float images in [0, 1], each image's features computed once. At small N, FID is biased
+    images as `extract` reads them (`real_size`: resize the real ones), each image's features
+    computed once. At small N, FID is biased
     upwards; KID is unbiased (so it can be slightly negative when the two sets are alike), so
     report both. `paired`: image i of both sets shares a seed (see `kid`)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -192,7 +217,7 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, feature: torch.nn.Module | i
         raise ValueError(f"FID/KID need at least 2 images per set, got {len(real)} and "
                          f"{len(fake)}")
     size = kid_subset(len(real), len(fake), subset_size)
-    real, fake = extract(real, feature), extract(fake, feature)
+    real, fake = extract(real, feature, real_size), extract(fake, feature)
     fid = FrechetInceptionDistance(feature=_Given(real.shape[1]))
     fid.update(real, real=True)
     fid.update(fake, real=False)

@@ -4,24 +4,35 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
 import torch
+from PIL import Image
 
 from icm_lab.errors import ConfigError, ModelUnavailable, choices_error
-from icm_lab.models.loading import hub_offline, local_folder, resolve_device
+from icm_lab.models.loading import hub_offline, like_parameters, local_folder, resolve_device
 
 # Model configs of our own (tiny random CLIP, the toy world's CLIP), registered with open_clip.
 CLIP_CONFIGS = Path(__file__).parent / "clip_configs"
 open_clip.add_model_config(CLIP_CONFIGS)
 
 
+def open_image(image: Image.Image | str | Path) -> Image.Image:
+    """An RGB image, from a PIL image or a file: image sets are read a batch at a time."""
+    return image.convert("RGB") if isinstance(image, Image.Image) else Image.open(image).convert(
+        "RGB")
+
+
 @dataclass
 class Clip:
+    """An open_clip model with its transforms. Every encoder moves its inputs to the model's
+    device and dtype and returns float32 CPU features, at most `batch_size` inputs per forward
+    pass, so thousands of images never sit on the device (or in memory) at once."""
+
     model: open_clip.CLIP
     preprocess: Callable  # PIL image -> tensor
     tokenizer: Callable  # list[str] -> token tensor
@@ -29,19 +40,30 @@ class Clip:
     batch_size: int = 32
 
     @torch.no_grad()
-    def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(texts).to(self.device)
-        return torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Unit text features, `[N, dim]`."""
+        features = [self.model.encode_text(like_parameters(self.tokenizer(list(chunk)),
+                                                           self.model)).float().cpu()
+                    for chunk in _batches(texts, self.batch_size)]
+        return torch.nn.functional.normalize(torch.cat(features), dim=-1)
 
     @torch.no_grad()
-    def encode_images(self, images: list) -> torch.Tensor:
-        """Unit image features, `[N, dim]`, encoded `batch_size` images at a time."""
-        features = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            batch = torch.stack([self.preprocess(image) for image in chunk]).to(self.device)
-            features.append(self.model.encode_image(batch).float())
+    def encode_images(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
+        """Unit image features, `[N, dim]`, of PIL images or image files."""
+        features = [self.encode_pixels(torch.stack([self.preprocess(open_image(image))
+                                                    for image in chunk]))
+                    for chunk in _batches(images, self.batch_size)]
         return torch.nn.functional.normalize(torch.cat(features), dim=-1)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image features (not normalised), `[N, dim]`, of one batch of preprocessed pixels,
+        `[N, 3, S, S]` (callers split image sets into `batch_size` batches)."""
+        return self.model.encode_image(like_parameters(pixels, self.model)).float().cpu()
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    return (items[start:start + size] for start in range(0, len(items), size))
 
 
 class _DropMessages(logging.Filter):

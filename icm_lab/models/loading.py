@@ -98,6 +98,13 @@ def hydra_job_number() -> int:
     return number if isinstance(number, int) else 0
 
 
+def like_parameters(tensor: torch.Tensor, net: torch.nn.Module) -> torch.Tensor:
+    """`tensor` on the device of `net`'s weights and, if floating point, in their dtype: every
+    input of a model passes through here (token ids and 8-bit images keep their dtype)."""
+    param = next(net.parameters())
+    return tensor.to(param.device, param.dtype if tensor.is_floating_point() else tensor.dtype)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise choices_error("model.dtype", name, sorted(DTYPES))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,9 @@ from icm_lab.metrics import (
     clip_score,
     fairness_by_prompt,
     fid_kid,
-    image_tensor,
     kid_subset,
-    load_images,
 )
-from icm_lab.models.clip import Clip
+from icm_lab.models.clip import Clip, open_image
 from icm_lab.resources import Resources
 from icm_lab.schema import EvalConfig
 from icm_lab.stages.steer import SteerResult
@@ -54,9 +53,9 @@ def evaluate(res: Resources, cfg: EvalConfig, steered: SteerResult, seed: int,
     classes, target = list(concept.classes), concept.target
     with tqdm(total=3, desc="evaluate", unit="step") as bar:  # each step takes seconds
         bar.set_postfix_str("CLIP-T and CLIP-I")
+        # Files, not images: every model reads them a batch at a time (memory stays bounded).
         base_paths, steered_paths = steered.image_paths()
-        base_images, steered_images = load_images(base_paths), load_images(steered_paths)
-        clip_scores(res.clip, table, base_images, steered_images)
+        clip_scores(res.clip, table, base_paths, steered_paths)
         bar.update()
         bar.set_postfix_str("FID and KID")
         base = fairness_by_prompt(table, "base_label", "base_p_", classes, target)
@@ -64,7 +63,7 @@ def evaluate(res: Resources, cfg: EvalConfig, steered: SteerResult, seed: int,
         base["clip_t"] = float(table["base_clip_t"].mean())
         after |= {"clip_t": float(table["clip_t"].mean()),
                   "clip_i": float(table["clip_i"].mean())}
-        after |= quality(res, cfg, base_images, steered_images, seed)
+        after |= quality(res, cfg, base_paths, steered_paths, seed)
         bar.update()
         bar.set_postfix_str("metrics.json and the chart")
         metrics = {**settings(res, cfg, plan, len(table), seed), "classes": classes,
@@ -81,15 +80,15 @@ def evaluate(res: Resources, cfg: EvalConfig, steered: SteerResult, seed: int,
     return metrics
 
 
-def clip_scores(clip: Clip, table: pd.DataFrame, base_images: list, steered_images: list
+def clip_scores(clip: Clip, table: pd.DataFrame, base_images: Sequence, steered_images: Sequence
                 ) -> None:
-    """Adds base_clip_t, clip_t and clip_i per image to `table`."""
+    """Adds base_clip_t, clip_t and clip_i per image (PIL images or files) to `table`."""
     base_features = clip.encode_images(base_images)
     steered_features = clip.encode_images(steered_images)
     prompt_features = clip.encode_texts(list(table["prompt"]))
-    table["base_clip_t"] = clip_score(base_features, prompt_features).cpu().numpy()
-    table["clip_t"] = clip_score(steered_features, prompt_features).cpu().numpy()
-    table["clip_i"] = clip_score(steered_features, base_features).cpu().numpy()  # same seed
+    table["base_clip_t"] = clip_score(base_features, prompt_features).numpy()
+    table["clip_t"] = clip_score(steered_features, prompt_features).numpy()
+    table["clip_i"] = clip_score(steered_features, base_features).numpy()  # same seed
 
 
 def settings(res: Resources, cfg: EvalConfig, plan: SteerPlan, n_images: int, seed: int
@@ -136,20 +135,19 @@ def write_results(res: Resources, table: pd.DataFrame, metrics: dict) -> Path:
               f" (labels: {metrics['labeler']['name']})")
 
 
-def quality(res: Resources, cfg: EvalConfig, base_images: list, steered_images: list,
+def quality(res: Resources, cfg: EvalConfig, base_images: Sequence, steered_images: Sequence,
             seed: int) -> dict:
-    """FID/KID of the steered images against the base images, and against a reference folder."""
+    """FID/KID of the steered images against the base images, and against a reference folder
+    (resized to the steered images' size)."""
     feature = FEATURES[cfg.features](res.clip)
-    steered = image_tensor(steered_images)
     options = {"subset_size": cfg.kid_subset_size, "subsets": cfg.kid_subsets, "seed": seed}
-    scores = fid_kid(image_tensor(base_images), steered, feature, paired=True, **options)
+    scores = fid_kid(base_images, steered_images, feature, paired=True, **options)
     if cfg.reference_dir:
         paths = sorted(p for p in Path(cfg.reference_dir).iterdir()
                        if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
         if not paths:
             raise UserError(f"eval.reference_dir={cfg.reference_dir} holds no .png/.jpg images")
-        size = steered.shape[-2:]
-        against = fid_kid(image_tensor(load_images(paths), size=tuple(size)), steered, feature,
-                          **options)
+        width, height = open_image(steered_images[0]).size
+        against = fid_kid(paths, steered_images, feature, real_size=(height, width), **options)
         scores |= {f"{key}_reference": value for key, value in against.items()}
     return scores
