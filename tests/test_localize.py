@@ -5,7 +5,7 @@ import torch
 from hydra.utils import instantiate
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
-from icm_lab.artefacts import ArtefactMismatchError, Provenance
+from icm_lab.artefacts import ArtefactMismatchError, Provenance, seal
 from icm_lab.errors import UserError
 from icm_lab.models.layers import UnknownLayerError
 from icm_lab.probes import fit_probes, scores, targets
@@ -280,6 +280,7 @@ def test_localize_end_to_end_on_sdxl_multiclass(tmp_path):
     samples = store.samples.assign(label=np.array(["young", "adult", "old"])[
         store.samples["prompt_id"] % 3])
     samples.to_parquet(store.root / "store" / "samples.parquet", index=False)
+    seal(store.root)  # relabelled on purpose: else the reuse check takes it as damaged
     probes = run(make_config(*overrides, "stages=[localize]"),
                  tmp_path / "run")["localize"].probes
     assert probes.classes == ["young", "adult", "old"]
