@@ -13,6 +13,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
+from icm_lab.files import write_figure, write_image  # noqa: E402
 from icm_lab.models.adapters import block_name  # noqa: E402
 
 KIND_COLOURS = {"attn1": "tab:blue", "attn2": "tab:orange", "bottleneck": "tab:green"}
@@ -55,7 +56,7 @@ def separability_heatmaps(scores: pd.DataFrame, path: Path, chance: float,
     bar.ax.text(-0.15, chance, f"chance {chance:.2f}", transform=bar.ax.get_yaxis_transform(),
                 ha="right", va="center", fontsize=FONT)
     fig.suptitle(title or "Attribute separability per layer and step")
-    fig.savefig(path, dpi=120)
+    write_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -87,7 +88,7 @@ def layer_ranking(ranking: pd.DataFrame, path: Path, chance: float, window: rang
                                                       f"chance ({chance:.2f})"]
     ax.legend(handles, labels, loc="lower right", fontsize=FONT)
     ax.set_title(title or "Layers ranked by separability")
-    fig.savefig(path, dpi=120)
+    write_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -122,7 +123,7 @@ def explicit_swap_comparison(swap: pd.DataFrame, implicit: pd.DataFrame, path: P
     right.set_title("Implicit choice: probe separability at the same layers")
     right.legend(fontsize=FONT, loc="lower right")
     left.invert_yaxis()
-    fig.savefig(path, dpi=120)
+    write_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -170,7 +171,7 @@ def before_after_grid(before_images: list[Path], after_images: list[Path], befor
                 label = f"{label}\n(target {aim}{'' if label == aim else ', missed'})"
             draw.multiline_text((left, top + tile + 3), label, fill="black", font=font,
                                 spacing=1)
-    grid.save(path)
+    write_image(grid, path)
     return path
 
 
@@ -215,7 +216,7 @@ def class_distribution(table: pd.DataFrame, classes: list[str], target: np.ndarr
     fig.suptitle(f"{title or 'Class distribution per prompt'}\nFD (distance to the target, "
                  f"mean over prompts; lower is better): base {fd['base']['fd']:.3f} → steered "
                  f"{fd['steered']['fd']:.3f} ({n_base} + {n_steered} images)", fontsize=FONT + 2)
-    fig.savefig(path, dpi=110)
+    write_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 

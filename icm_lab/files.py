@@ -86,6 +86,12 @@ def write_image(image: Any, path: Path) -> None:
         image.save(tmp, format=Path(path).suffix.lstrip(".").upper().replace("JPG", "JPEG"))
 
 
+def write_figure(figure: Any, path: Path, dpi: int) -> None:
+    """A matplotlib figure, in the format its suffix names."""
+    with atomic(path) as tmp:
+        figure.savefig(tmp, dpi=dpi, format=Path(path).suffix.lstrip("."))
+
+
 def _owner_gone(tmp: Path) -> bool:
     """Whether the job that named this temporary (`.<name>.<host>.<pid>.<n>.tmp`) has ended.
     Another host's jobs cannot be checked from here: their temporaries are kept."""

@@ -26,6 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from icm_lab.files import write_figure, write_table, write_text  # noqa: E402
 from icm_lab.models.adapters import short_name, short_name_key  # noqa: E402
 
 # The one name of each column, in every table and format (↓: lower is better, ↑: higher).
@@ -99,14 +100,14 @@ def alpha_sweep_table(runs: pd.DataFrame) -> pd.DataFrame:
     return steered.groupby(keys, sort=True)[["fd", "clip_i"]].mean().reset_index()
 
 
-def write_table(table: pd.DataFrame, out: Path, name: str) -> None:
+def write_formats(table: pd.DataFrame, out: Path, name: str) -> None:
     """`name`.csv, .md and .tex, all with the column names of COLUMNS; the key to the short
     layer names below the Markdown and LaTeX tables that show them."""
     shown = table.rename(columns=COLUMNS)
     key = LAYER_KEY if {"layers", "top_layers"} & set(table.columns) else ""
-    shown.to_csv(out / f"{name}.csv", index=False)
-    (out / f"{name}.md").write_text(markdown(shown) + (f"\n\n{key}" if key else "") + "\n")
-    (out / f"{name}.tex").write_text(latex(shown, key))
+    write_table(shown, out / f"{name}.csv")
+    write_text(out / f"{name}.md", markdown(shown) + (f"\n\n{key}" if key else "") + "\n")
+    write_text(out / f"{name}.tex", latex(shown, key))
 
 
 def _float_format(column: str) -> str:
@@ -165,7 +166,7 @@ def fd_vs_clip_i(sweep: pd.DataFrame, path: Path) -> Path:
     ax.set_title("Steering strength: fairness against faithfulness")
     fig.legend(fontsize=9, title=f"model, concept: steered layers\n{textwrap.fill(LAYER_KEY, 80)}",
                title_fontsize=8, loc="outside lower center")
-    fig.savefig(path, dpi=120)
+    write_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -178,7 +179,7 @@ def make_tables(root: Path, out: Path) -> dict[str, pd.DataFrame]:
         tables["debiasing"] = debiasing_table(runs)
         tables["alpha_sweep"] = alpha_sweep_table(runs)
     for name, table in tables.items():
-        write_table(table, out, name)
+        write_formats(table, out, name)
     if "alpha_sweep" in tables and not tables["alpha_sweep"].empty:
         fd_vs_clip_i(tables["alpha_sweep"], out / "fd_vs_clip_i.png")
     return tables

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from icm_lab.artefacts import write_json_atomic
 from icm_lab.errors import UserError
 from icm_lab.figures import class_distribution
+from icm_lab.files import write_table
 from icm_lab.metrics import (
     FEATURES,
     clip_score,
@@ -124,8 +125,8 @@ def write_results(res: Resources, table: pd.DataFrame, metrics: dict) -> Path:
     """metrics.json, the per-image table and the distribution chart."""
     out = res.run_dir / "evaluate"
     out.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(out / "images.parquet", index=False)
-    table.to_csv(out / "images.csv", index=False)
+    write_table(table, out / "images.parquet")
+    write_table(table, out / "images.csv")
     write_json_atomic(res.run_dir / "metrics.json", metrics)
     strength = "" if metrics["alpha"] is None else f", alpha {metrics['alpha']:g}"
     return class_distribution(
