@@ -30,7 +30,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.hooks import HookRegistry, ModelHook
 
-from icm_lab.models.adapters import adapter_for
+from icm_lab.models.adapters import TextContext, adapter_for
 from icm_lab.models.layers import LayerRegistry
 from icm_lab.models.loading import like_parameters
 
@@ -115,18 +115,29 @@ class AddVector(Intervention):
 class SwapContext(Intervention):
     """Replace the text context (`encoder_hidden_states`) that reaches one cross-attention layer,
     on the conditional half only: the explicit-conditioning baseline. `context` is
-    `[batch, tokens, dim]`, one row per conditional sample, from the pipeline's own encoder."""
+    `[batch, tokens, dim]`, one row per conditional sample, from the pipeline's own encoder
+    (`adapter.text_context`). Where attn2 also takes the text's attention mask (Sana), `mask`
+    is the swapped prompt's, in the form the layer receives it, and is swapped with the context:
+    the original prompt's mask would hide or expose the wrong tokens of the new one."""
 
     layer: str
     context: torch.Tensor
     start: int = 0
     end: int | None = None
+    mask: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, layer: str, text: TextContext, start: int = 0,
+           end: int | None = None) -> SwapContext:
+        return cls(layer, text.context, start, end, text.mask)
 
     def rows(self, start: int, stop: int) -> SwapContext:
-        return replace(self, context=self.context[start:stop])
+        mask = None if self.mask is None else self.mask[start:stop]
+        return replace(self, context=self.context[start:stop], mask=mask)
 
     def attach(self, module: torch.nn.Module, state: StepState, net: torch.nn.Module):
         context = like_parameters(self.context, net)
+        mask = None if self.mask is None else like_parameters(self.mask, net)
 
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict):
             if not self.active(state):
@@ -134,16 +145,33 @@ class SwapContext(Intervention):
             original = kwargs.get("encoder_hidden_states")
             if original is None:
                 raise ValueError(f"{self.layer} gets no encoder_hidden_states: not an attn2 layer")
-            if context.shape[0] != state.cond_batch or context.shape[1:] != original.shape[1:]:
-                raise ValueError(
-                    f"context for {self.layer} has shape {tuple(context.shape)}; the layer "
-                    f"expects [{state.cond_batch}, {', '.join(map(str, original.shape[1:]))}]"
-                )
-            swapped = original.clone()
-            swapped[state.cond_rows] = context
-            return args, {**kwargs, "encoder_hidden_states": swapped}
+            swapped = {"encoder_hidden_states": _swap_rows(self.layer, "context", original,
+                                                           context, state)}
+            original_mask = kwargs.get("attention_mask")
+            if (original_mask is None) != (mask is None):
+                raise ValueError(f"{self.layer} gets {'no' if original_mask is None else 'a'} "
+                                 f"text attention mask but the swap has "
+                                 f"{'none' if mask is None else 'one'}; build it with "
+                                 "SwapContext.of(layer, adapter.text_context(...))")
+            if mask is not None:
+                swapped["attention_mask"] = _swap_rows(self.layer, "mask", original_mask, mask,
+                                                       state)
+            return args, {**kwargs, **swapped}
 
         return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _swap_rows(layer: str, what: str, original: torch.Tensor, rows: torch.Tensor,
+               state: StepState) -> torch.Tensor:
+    """`original` with its conditional rows replaced by `rows` (shapes checked)."""
+    if rows.shape[0] != state.cond_batch or rows.shape[1:] != original.shape[1:]:
+        raise ValueError(
+            f"{what} for {layer} has shape {tuple(rows.shape)}; the layer expects "
+            f"[{state.cond_batch}, {', '.join(map(str, original.shape[1:]))}]"
+        )
+    swapped = original.clone()
+    swapped[state.cond_rows] = rows
+    return swapped
 
 
 @dataclass

@@ -1,3 +1,4 @@
+import inspect
 import json
 
 import numpy as np
@@ -180,23 +181,20 @@ def test_swap_context_reaches_one_layer_on_the_conditional_half(name, tiny):
     call_kwargs = cfg.pipeline_kwargs()
     context = adapter_for(pipe).text_context
     target = registry.names("attn2")[-1]
-    module = dict(denoiser(pipe).named_modules())[target]
     seen = []
-    spy = module.register_forward_pre_hook(
-        lambda m, a, kw: seen.append(kw["encoder_hidden_states"].clone()), with_kwargs=True
-    )
+    spy = _spy_attn2(pipe, target, seen)
     try:
         # The pipeline's own context, swapped in unchanged, must change nothing at all.
         same = context(pipe, PROMPTS, call_kwargs)
-        with DenoiserHooks(pipe, registry, interventions=[SwapContext(target, same)]):
+        with DenoiserHooks(pipe, registry, interventions=[SwapContext.of(target, same)]):
             generate(pipe, cfg, steps=2, guidance=5.0)
         assert len(seen) == 2
         n = len(PROMPTS)
-        torch.testing.assert_close(seen[0][n:], same, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(seen[0][0][n:], same.context, rtol=1e-5, atol=1e-5)
 
         explicit = context(pipe, ["a photo of a woman"] * n, call_kwargs)
         with DenoiserHooks(pipe, registry, record=[target],
-                           interventions=[SwapContext(target, explicit)]) as hooks:
+                           interventions=[SwapContext.of(target, explicit)]) as hooks:
             generate(pipe, cfg, steps=2, guidance=5.0)
     finally:
         spy.remove()
@@ -204,9 +202,83 @@ def test_swap_context_reaches_one_layer_on_the_conditional_half(name, tiny):
     with DenoiserHooks(pipe, registry, record=[target]) as base:
         generate(pipe, cfg, steps=2, guidance=5.0)
     assert not np.array_equal(hooks.recording()[target], base.recording()[target])
+    short = SwapContext(target, explicit.context[:1], mask=_rows(explicit.mask, 1))
     with pytest.raises(ValueError, match="expects"):
-        with DenoiserHooks(pipe, registry, interventions=[SwapContext(target, explicit[:1])]):
+        with DenoiserHooks(pipe, registry, interventions=[short]):
             generate(pipe, cfg, steps=1, guidance=5.0)
+
+
+def _spy_attn2(pipe, layer, seen):
+    """Record (context, mask) as `layer` receives them, before any swap hook runs."""
+    module = dict(denoiser(pipe).named_modules())[layer]
+
+    def spy(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        seen.append((kwargs["encoder_hidden_states"].clone(),
+                     None if mask is None else mask.clone()))
+
+    return module.register_forward_pre_hook(spy, with_kwargs=True)
+
+
+def _rows(tensor, n):
+    return None if tensor is None else tensor[:n]
+
+
+def test_sana_swap_context_and_mask_are_what_the_pipeline_itself_passes(tiny):
+    """Sana's explicit swap must encode the prompt the way `SanaPipeline.__call__` does (its
+    complex human instruction prefixed: the twin's config sets a non-empty one) and carry that
+    prompt's attention mask: both equal what attn2 receives when the pipeline is called with
+    the prompt itself."""
+    pipe, registry, cfg = tiny("tiny_sana")
+    call_kwargs = cfg.pipeline_kwargs()
+    assert call_kwargs["complex_human_instruction"], "the twin must exercise the instruction"
+    prompts = ["a woman", "a photo of an elderly man with a hat"]  # masks of unequal length
+    target = registry.names("attn2")[0]
+    seen = []
+    spy = _spy_attn2(pipe, target, seen)
+    try:
+        generate(pipe, cfg, steps=1, guidance=5.0, prompts=prompts)
+    finally:
+        spy.remove()
+    text = adapter_for(pipe).text_context(pipe, prompts, call_kwargs)
+    context, mask = seen[0]
+    n = len(prompts)
+    torch.testing.assert_close(text.context, context[n:], rtol=1e-5, atol=1e-5)
+    assert text.mask is not None and torch.equal(text.mask, mask[n:])
+    assert not torch.equal(text.mask[0], text.mask[1])  # the mask is the prompt's own
+    # Without the instruction the encoding differs: the test would catch a swap that drops it.
+    plain = adapter_for(pipe).text_context(
+        pipe, prompts, call_kwargs | {"complex_human_instruction": None})
+    assert not torch.allclose(plain.context, text.context, atol=1e-3)
+
+
+def test_sana_swap_everywhere_is_the_explicit_prompt(tiny):
+    """Swapping context and mask at every attn2 layer is the explicit prompt (Sana's text
+    reaches the transformer only there); a mask left unswapped is refused."""
+    pipe, registry, cfg = tiny("tiny_sana")
+    explicit = ["a photo of a woman with long hair"] * len(PROMPTS)
+    text = adapter_for(pipe).text_context(pipe, explicit, cfg.pipeline_kwargs())
+    swaps = [SwapContext.of(name, text) for name in registry.names("attn2")]
+    with DenoiserHooks(pipe, registry, interventions=swaps):
+        swapped = generate(pipe, cfg, steps=2, guidance=5.0)
+    np.testing.assert_allclose(swapped, generate(pipe, cfg, steps=2, guidance=5.0,
+                                                 prompts=explicit), atol=1e-4)
+    with pytest.raises(ValueError, match="attention mask"):
+        with DenoiserHooks(pipe, registry,
+                           interventions=[SwapContext(swaps[0].layer, text.context)]):
+            generate(pipe, cfg, steps=1, guidance=5.0)
+
+
+def test_sana_swap_uses_the_pipelines_default_instruction(tiny):
+    """A call that sets no instruction gets `SanaPipeline.__call__`'s default (the real
+    model's config sets none), and so must the swap."""
+    pipe, _, cfg = tiny("tiny_sana")
+    adapter = adapter_for(pipe)
+    options = adapter.call_encode_options(pipe, {"max_sequence_length": 32})
+    default = inspect.signature(type(pipe).__call__).parameters["complex_human_instruction"]
+    assert options["complex_human_instruction"] == default.default
+    assert len(default.default) > 3 and options["max_sequence_length"] == 32
+    assert options["clean_caption"] is False
 
 
 def test_interventions_round_trip_through_plain_data():

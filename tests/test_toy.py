@@ -123,8 +123,8 @@ def test_swapping_every_attn2_context_is_the_explicit_prompt(tiny):
     adapter = adapter_for(pipe)
     neutral, explicit = ["a circle"] * 16, ["a blue circle"] * 16
     seeds = list(range(16))
-    context = adapter.text_context(pipe, explicit, spec.pipeline_kwargs())
-    swaps = [SwapContext(name, context) for name in registry.names("attn2")]
+    text = adapter.text_context(pipe, explicit, spec.pipeline_kwargs())
+    swaps = [SwapContext.of(name, text) for name in registry.names("attn2")]
     swapped = generator.all(neutral, seeds, swaps)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
                zip(swapped, generator.all(explicit, seeds), strict=True))

@@ -12,15 +12,26 @@ A new family is one new adapter in `ADAPTERS`.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from diffusers import DiffusionPipeline
 
 from icm_lab.errors import ConfigError, UserError
 from icm_lab.models.layers import LayerInfo, LayerRegistry
+
+
+class TextContext(NamedTuple):
+    """What every cross-attention layer receives for some prompts (the conditional half):
+    `context` is `encoder_hidden_states`, `[len(prompts), tokens, dim]`; `mask` is the text
+    attention mask in the form attn2 receives it as `attention_mask`, or None for families
+    whose attn2 gets no mask (SD1.5, SDXL)."""
+
+    context: torch.Tensor
+    mask: torch.Tensor | None = None
 
 
 class ModelAdapter:
@@ -43,9 +54,9 @@ class ModelAdapter:
 
     @torch.no_grad()
     def text_context(self, pipe: DiffusionPipeline, prompts: list[str],
-                     call_kwargs: dict[str, Any]) -> torch.Tensor:
-        """`[len(prompts), tokens, dim]`: `encoder_hidden_states` at every attn2 layer when the
-        pipeline is called with these prompts (the conditional half)."""
+                     call_kwargs: dict[str, Any]) -> TextContext:
+        """What every attn2 layer receives when the pipeline is called with these prompts and
+        `call_kwargs` (the conditional half)."""
         raise NotImplementedError
 
     def cross_attention_of(self, layer: LayerInfo, registry: LayerRegistry) -> LayerInfo:
@@ -99,10 +110,12 @@ class UNetAdapter(ModelAdapter):
 
     @torch.no_grad()
     def text_context(self, pipe: DiffusionPipeline, prompts: list[str],
-                     call_kwargs: dict[str, Any]) -> torch.Tensor:
+                     call_kwargs: dict[str, Any]) -> TextContext:
         # SD1.5 and SDXL share these keywords; SDXL also returns pooled embeddings, unused here.
-        return pipe.encode_prompt(prompt=prompts, device=pipe.device, num_images_per_prompt=1,
-                                  do_classifier_free_guidance=False)[0]
+        # Their attn2 gets no text mask: every one of the 77 tokens is attended to.
+        return TextContext(pipe.encode_prompt(prompt=prompts, device=pipe.device,
+                                              num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)[0])
 
     short_name_key = ("up1.a0.t0 is up_blocks.1.attentions.0.transformer_blocks.0 (down/up "
                       "block, attention a, transformer block t; mid = mid_block)")
@@ -132,15 +145,31 @@ class DiTAdapter(ModelAdapter):
     def vae_scale_factor(self, vae_config: dict[str, Any]) -> int:
         return 2 ** (len(vae_config["encoder_block_out_channels"]) - 1)
 
+    # The pipeline's own prompt-encoding options (SanaPipeline.__call__ -> encode_prompt).
+    encode_options: ClassVar[tuple[str, ...]] = (
+        "clean_caption", "max_sequence_length", "complex_human_instruction")
+
     @torch.no_grad()
     def text_context(self, pipe: DiffusionPipeline, prompts: list[str],
-                     call_kwargs: dict[str, Any]) -> torch.Tensor:
-        options = {k: call_kwargs[k] for k in ("max_sequence_length", "complex_human_instruction")
-                   if k in call_kwargs}
-        embeds, *_ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
-                                        device=pipe.device, **options)
+                     call_kwargs: dict[str, Any]) -> TextContext:
+        embeds, mask, *_ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
+                                              device=pipe.device,
+                                              **self.call_encode_options(pipe, call_kwargs))
         net = self.denoiser(pipe)  # Sana projects and normalises the caption in the transformer
-        return net.caption_norm(net.caption_projection(embeds))
+        context = net.caption_norm(net.caption_projection(embeds))
+        # SanaTransformer2DModel.forward turns the [batch, tokens] 0/1 mask into this additive
+        # bias before its blocks pass it to attn2 as `attention_mask`.
+        bias = ((1 - mask.to(context.dtype)) * -10000.0).unsqueeze(1)
+        return TextContext(context, bias)
+
+    def call_encode_options(self, pipe: DiffusionPipeline,
+                            call_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The options `pipe(...)` hands `encode_prompt` when called with `call_kwargs`: what
+        the call does not set comes from `__call__`'s defaults, which for Sana include the long
+        complex human instruction prefixed to every prompt."""
+        defaults = inspect.signature(type(pipe).__call__).parameters
+        return {k: call_kwargs[k] if k in call_kwargs else defaults[k].default
+                for k in self.encode_options if k in defaults}
 
     short_name_key = "t3 is Sana's transformer_blocks.3"
 

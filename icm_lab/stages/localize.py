@@ -211,9 +211,9 @@ def explicit_swap(res: Resources, n_images: int, probes: ProbeSet, seed: int) ->
     layers = res.registry.select("attn2")
     for name in tqdm(concept.classes, desc="explicit swap", unit="class"):
         explicit = [concept.explicit_for(prompt, name) for prompt in prompts]
-        context = res.adapter.text_context(res.pipeline, explicit, kwargs)
+        text = res.adapter.text_context(res.pipeline, explicit, kwargs)
         for layer in layers:
-            counts = _label_counts(res, plan, [SwapContext(layer.name, context)])
+            counts = _label_counts(res, plan, [SwapContext.of(layer.name, text)])
             rows.append({"layer": layer.name, "class": name, "rate": counts[name] / len(plan),
                          "base_rate": base[name] / len(plan), "n": len(plan),
                          "n_undecided": counts[UNDECIDED]})
