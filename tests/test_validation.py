@@ -40,7 +40,7 @@ REFUSED = [  # (overrides, what the one line must say)
     (["eval.features=vgg"], "eval.features='vgg' is not valid; choose one of ['clip', "
                             "'inception']"),
     (["steer.policy=some"], "steer.policy='some' is not valid; choose one of ['all', "
-                            "'minimal']"),
+                            "'minimal', 'paper_batch']"),
     (["steer.direction=pca"], "steer.direction='pca' is not valid; choose one of ['probe', "
                               "'mean_diff']"),
     (["probe.C=0"], "probe.C=0 must be a positive number"),
@@ -65,9 +65,9 @@ REFUSED = [  # (overrides, what the one line must say)
      "icm-lab/not-cached` where there is network, or pass model.pretrained=/path/to/sd15"),
     (["model=sd15", "model.pretrained=/no/such/folder"],
      "model.pretrained='/no/such/folder' is not a folder"),
-    (["clip.model=ViT-B-32", "clip.pretrained=openai"],
-     "CLIP ViT-B-32 (openai) needs the weights 'timm/vit_base_patch32_clip_224.openai', which "
-     "are not in the Hugging Face cache"),
+    (["clip.model=ViT-B-32-quickgelu", "clip.pretrained=openai"],
+     "CLIP ViT-B-32-quickgelu (openai) needs the weights "
+     "'timm/vit_base_patch32_clip_224.openai', which are not in the Hugging Face cache"),
     (["clip.model=ViT-B-32", "clip.pretrained=opnai"], "clip.pretrained='opnai' is not valid "
                                                        "for clip.model=ViT-B-32; choose one of"),
     (["eval.kid_subsets=0"], "eval.kid_subsets=0 must be an integer >= 1"),
