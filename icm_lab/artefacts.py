@@ -54,11 +54,12 @@ class Provenance:
         expected = asdict(self)
         diff = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
         if diff:
-            lines = "\n".join(f"  {k}: artefact has {a!r}, this run expects {b!r}"
-                              for k, (a, b) in diff.items())
+            found_vs_expected = "; ".join(f"{k}: artefact has {a!r}, this run expects {b!r}"
+                                          for k, (a, b) in diff.items())
             raise ArtefactMismatchError(
-                f"the {self.stage} artefact at {where} was made by another model or config:\n"
-                f"{lines}\nPoint this run at a matching artefact, or delete it to recompute."
+                f"the {self.stage} artefact at {where} was made by another model or config "
+                f"({found_vs_expected}): point this run at a matching artefact, or delete it "
+                "to recompute"
             )
 
 
