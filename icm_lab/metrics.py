@@ -100,9 +100,30 @@ class ClipImageFeatures(torch.nn.Module):
         return self.clip.encode_pixels((images - self.mean) / self.std)
 
 
+INCEPTION_SIZE = 299
+
+
+def clean_resize(images: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
+    """clean-fid's resize (Parmar et al. 2022, `make_resizer("PIL", False, "bicubic")`): each
+    channel of the 0-255 image resized as a float PIL image with bicubic filtering, which
+    antialiases; then rounded to 8 bits, the only input torchmetrics' network takes (at most
+    0.5/255 from clean-fid, which keeps floats)."""
+    pixels = (images.float().clamp(0, 1) * 255).numpy()
+    out = np.stack([[np.asarray(Image.fromarray(channel, mode="F").resize(
+        (size, size), Image.BICUBIC)) for channel in image] for image in pixels])
+    return torch.from_numpy(out).round().clamp(0, 255).byte()
+
+
 class InceptionFeatures(torch.nn.Module):
-    """Inception-v3 pool features of one batch of float images in [0, 1], fed to `net` as the
-    8-bit images torchmetrics' network expects, on its device; float32 CPU features."""
+    """Inception-v3 pool features of one batch of float images in [0, 1], resized to 299 px the
+    way clean-fid does and fed to `net` as the 8-bit images torchmetrics' network expects, on
+    its device; float32 CPU features.
+
+    FID is torchmetrics' (the FID Inception weights, torch-fidelity's port, which clean-fid
+    also uses) with clean-fid's resize: torchmetrics' network would otherwise resize 512 or 1024
+    px images itself with TF1-style bilinear interpolation, which aliases and shifts FID
+    (clean-fid's paper); at 299 px that resize is the identity. Not the clean-fid package: it
+    downloads its own copy of the weights at run time and reads images from folders only."""
 
     def __init__(self, net: torch.nn.Module, batch_size: int, num_features: int = 2048):
         super().__init__()
@@ -110,7 +131,7 @@ class InceptionFeatures(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(like_parameters((images * 255).byte(), self.net)).float().cpu()
+        return self.net(like_parameters(clean_resize(images), self.net)).float().cpu()
 
 
 def inception_features(clip: Clip) -> InceptionFeatures:

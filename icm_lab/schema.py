@@ -95,7 +95,7 @@ class SteerConfig:
                               f"{self.end} (null: 1.0)")
         _choice("steer.halves", self.halves, ("cond", "both"))
         _choice("steer.direction", self.direction, ("probe", "mean_diff"))
-        _choice("steer.policy", self.policy, ("all", "minimal"))
+        _choice("steer.policy", self.policy, ("all", "minimal", "paper_batch"))
 
 
 @dataclass

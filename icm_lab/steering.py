@@ -8,7 +8,9 @@ safetensors file). `<run>/steer/plan.json` + `plan.safetensors` hold it, and
 Target assignment is exact, not random per batch: within each prompt the counts of every class
 match the target distribution by the largest-remainder rule, and which sample gets which target
 is a seeded shuffle. The `minimal` policy looks at the unsteered (base) labels first and steers
-only the samples needed to reach those counts, leaving the rest untouched.
+only the samples needed to reach those counts, leaving the rest untouched. The `paper_batch`
+policy is the paper's protocol instead: one class drawn at random (seeded, from the target
+distribution) for each batch of `PAPER_BATCH` consecutive samples, so counts vary by chance.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from icm_lab.errors import UserError, choices_error
 from icm_lab.files import atomic
 from icm_lab.hooks import AddVector
 
-POLICIES = ("all", "minimal")
+POLICIES = ("all", "minimal", "paper_batch")
 UNTOUCHED = -1
+PAPER_BATCH = 16  # the paper generated and steered 16 images per batch, one class per batch
 
 
 def largest_remainder(n: int, target: np.ndarray) -> np.ndarray:
@@ -47,9 +50,13 @@ def assign_targets(n: int, target: np.ndarray, seed: int, policy: str = "all",
     `all`: every sample is steered; class counts follow the target exactly. `minimal`: `base`
     holds each sample's unsteered class (-1: undecided); samples of a class are kept untouched up
     to that class's count, and only the others are steered to the classes still short.
+    `paper_batch`: every sample is steered, each run of PAPER_BATCH samples to one class drawn
+    from `target`.
     """
     if policy not in POLICIES:
         raise choices_error("steer.policy", policy, POLICIES)
+    if policy == "paper_batch":
+        return paper_batch_targets(n, target, seed)
     counts = largest_remainder(n, target)
     rng = np.random.default_rng(seed)
     if policy == "all":
@@ -66,6 +73,14 @@ def assign_targets(n: int, target: np.ndarray, seed: int, policy: str = "all",
     pool = rng.permutation(np.array(pool, dtype=int))
     targets[pool] = np.repeat(np.arange(len(counts)), counts)
     return targets
+
+
+def paper_batch_targets(n: int, target: np.ndarray, seed: int,
+                        batch: int = PAPER_BATCH) -> np.ndarray:
+    """One class per batch of `batch` consecutive samples, drawn independently from `target`."""
+    rng = np.random.default_rng(seed)
+    drawn = rng.choice(len(target), size=-(-n // batch), p=np.asarray(target, dtype=float))
+    return np.repeat(drawn, batch)[:n]
 
 
 @dataclass

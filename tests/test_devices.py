@@ -156,3 +156,21 @@ def test_inception_features_move_images_to_the_network_in_bounded_batches():
     guard(net.to("meta"))
     with pytest.raises(NotImplementedError, match=CAME_BACK_FROM_META):
         extract(images(5), InceptionFeatures(net, 2, 4))
+
+
+def test_inception_input_is_resized_to_299_the_way_clean_fid_does():
+    """clean-fid: PIL bicubic per channel on the 0-255 float image (antialiased), then 8 bits."""
+    from icm_lab.metrics import clean_resize
+
+    torch.manual_seed(0)
+    batch = torch.rand(2, 3, 64, 48)
+    out = clean_resize(batch)
+    assert out.shape == (2, 3, 299, 299) and out.dtype == torch.uint8
+    channel = Image.fromarray((batch[1, 2] * 255).numpy(), mode="F")
+    expected = np.asarray(channel.resize((299, 299), Image.BICUBIC)).clip(0, 255)
+    assert np.abs(out[1, 2].numpy().astype(float) - expected).max() <= 0.5 + 1e-3
+    seen = []
+    net = _Inception()
+    net.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
+    extract(images(3), InceptionFeatures(net, 3, 4))
+    assert seen == [(3, 3, 299, 299)]

@@ -184,7 +184,7 @@ def test_full_size_sana_registry_matches_the_1600m_transformer(tmp_path):
 def test_experiment_is_a_delta_over_the_defaults():
     cfg = make_config("experiment=paper_sd15_gender")
     assert cfg.model.name == "sd15" and cfg.clip.model == "ViT-L-14-quickgelu"
-    assert len(cfg.layers.select) == 3 and cfg.collect.n_images == 1000
+    assert len(cfg.layers.select) == 3 and cfg.collect.n_images == 600
 
 
 def test_the_toy_registry_is_read_without_weights(tiny):
