@@ -4,7 +4,9 @@
   refuses one that does not match what it expects.
 - Locks: one job computes an artefact while the others that need it wait.
 - Seals: a finished artefact ends with `manifest.json` (written last) listing its files with
-  sizes and sha256 hashes. A reuse checks every file's size and header, and with
+  sizes and content digests (`digest`: a file's sha256; for `.npy` arrays a sha256 over their
+  rows' digests, so a writer can compute it as it fills rows). A reuse checks every file's size
+  and header, and with
   `paths.verify=hashes` its hash too; `damage` says which file is wrong and how.
 """
 
@@ -117,7 +119,7 @@ def seal(root: Path, skip: tuple[str, ...] = (), known: dict[str, str] | None = 
         if (path.is_file() and path.name != MANIFEST and not path.name.endswith(".tmp")
                 and path.relative_to(root).parts[0] not in skip):
             files[name] = {"size": path.stat().st_size,
-                           "sha256": known[name] if name in known else digest(path)}
+                           "digest": known[name] if name in known else digest(path)}
     write_json(root / MANIFEST, {"files": files})
 
 
@@ -144,8 +146,8 @@ def damage(root: Path, hashes: bool = False) -> list[str]:
                          "altered)")
         elif problem := header_problem(path):
             found.append(f"{path}: {problem}")
-        elif hashes and digest(path) != sealed["sha256"]:
-            found.append(f"{path}: content differs from when it was sealed (sha256)")
+        elif hashes and digest(path) != sealed["digest"]:
+            found.append(f"{path}: content differs from when it was sealed (digest)")
     return found
 
 

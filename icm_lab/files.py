@@ -57,9 +57,15 @@ def atomic(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        if _is_disk_full(error):
             raise disk_full(path) from error
         raise
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """ENOSPC, as Python raises it or as a Rust writer (safetensors) reports it in its text."""
+    return (isinstance(error, OSError) and error.errno == errno.ENOSPC
+            or f"os error {errno.ENOSPC})" in str(error))
 
 
 def write_text(path: Path, text: str) -> None:

@@ -72,7 +72,7 @@ class Prefix:
             if _digest(latents) == saved:
                 return latents
             problem = "its latents differ from the hash they were saved with"
-        except (OSError, ValueError, KeyError, SafetensorError) as error:
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
             problem = f"unreadable ({error})"
         log.warning("cached prefix %s is damaged (%s); deleted, computing it again", path, problem)
         path.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ Stages import this module; the runner builds it; it imports no stage.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,7 +25,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from icm_lab.artefacts import (
-    VERIFY_CHOICES,
     Provenance,
     artefact_lock,
     damage,
@@ -32,7 +32,6 @@ from icm_lab.artefacts import (
     is_sealed,
 )
 from icm_lab.concepts import Concept
-from icm_lab.errors import choices_error
 from icm_lab.files import remove_dead_temporaries
 from icm_lab.generation import Generator, Prefix
 from icm_lab.labeler import Labeler
@@ -54,9 +53,7 @@ class Resources:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.model: ModelSpec = instantiate(cfg.model)
         self.artefacts = Path(cfg.paths.artefacts)
-        self.verify_hashes = cfg.paths.get("verify", "sizes") == "hashes"
-        if cfg.paths.get("verify", "sizes") not in VERIFY_CHOICES:
-            raise choices_error("paths.verify", cfg.paths.verify, VERIFY_CHOICES)
+        self.verify_hashes = cfg.paths.get("verify", "sizes") == "hashes"  # validated before
         if pipeline is not None:
             self.pipeline = pipeline  # takes the cached property's place
 
@@ -184,9 +181,10 @@ class Resources:
         found = damage(root, hashes=self.verify_hashes)
         if not found:
             return True
-        aside = root.with_name(f"{root.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-        log.warning("the artefact at %s is damaged; moved to %s and computed again:\n  %s",
-                    root, aside, "\n  ".join(found))
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        aside = root.with_name(f"{root.name}.damaged-{stamp}")
+        log.warning("the artefact at %s is damaged; moved to %s (delete it once you have looked)"
+                    " and computed again:\n  %s", root, aside, "\n  ".join(found))
         root.rename(aside)
         root.mkdir()
         return False

@@ -68,7 +68,7 @@ class ActivationStore:
         self.root = Path(root)
         meta_path = self.root / "store" / "meta.json"
         if not meta_path.exists():
-            raise StoreError(f"no complete activation store at {self.root} (no store/meta.json)")
+            raise StoreError(f"no activation store at {self.root} (no store/meta.json)")
         self.meta = read_json(meta_path)
         if expect is not None:
             expect.check(self.meta["provenance"], self.root)
@@ -192,8 +192,8 @@ class StoreWriter:
 
     def finalize(self) -> ActivationStore:
         """Mark the store complete, reading no activation: gather the sample rows, rename the
-        arrays into place, write meta.json. Idempotent if interrupted. The caller holds the
-        artefact's lock."""
+        arrays into place, write meta.json, seal it (the arrays' digests come from the batch
+        markers). Idempotent if interrupted. The caller holds the artefact's lock."""
         markers = list(self._markers())
         covered = sorted(i for start, end, _ in markers for i in range(start, end))
         if covered != list(range(self.n_total)):

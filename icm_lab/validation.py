@@ -20,6 +20,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from icm_lab.artefacts import VERIFY_CHOICES
 from icm_lab.concepts import Concept
 from icm_lab.errors import ConfigError, ModelUnavailable, UserError, choices_error
 from icm_lab.methods import SteeringMethod
@@ -55,6 +56,8 @@ def validate(cfg: DictConfig) -> None:
         raise choices_error("stages", list(cfg.stages), STAGES)
     if not (isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**31):
         raise ConfigError(f"seed={cfg.seed!r} must be an integer in [0, 2**31)")  # numpy's range
+    if cfg.paths.get("verify", "sizes") not in VERIFY_CHOICES:
+        raise choices_error("paths.verify", cfg.paths.verify, VERIFY_CHOICES)
     sections = {name: section(cfg, name) for name in SECTIONS}
     model: ModelSpec = build(cfg.model, "model")
     method: SteeringMethod = build(cfg.method, "method")
@@ -102,7 +105,7 @@ def _check_paths(sections: dict[str, Any]) -> None:
         raise UserError(f"eval.reference_dir={reference!r} is not a folder of images")
     probes = sections["steer"].probes
     if probes and not ProbeSet.is_complete(Path(probes)):
-        raise UserError(f"steer.probes={probes!r} holds no complete probe set (no meta.json); "
+        raise UserError(f"steer.probes={probes!r} holds no complete probe set (no manifest.json); "
                         "pass the localize/ folder of a finished run")
 
 

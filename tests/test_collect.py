@@ -242,5 +242,5 @@ def test_a_writer_refuses_a_mismatch(tmp_path):
     other = Provenance("collect", "tiny_sdxl", "gender", "synthetic")
     with pytest.raises(ArtefactMismatchError, match="tiny_sd15.*tiny_sdxl"):
         StoreWriter(tmp_path / "other", other, LAYERS, n_total=12)
-    with pytest.raises(StoreError, match=f"no complete activation store at {tmp_path / 'x'}"):
+    with pytest.raises(StoreError, match=f"no activation store at {tmp_path / 'x'}"):
         ActivationStore(tmp_path / "x")

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import icm_lab.probeset
@@ -150,9 +151,10 @@ def test_every_file_is_group_readable_and_no_temporary_is_left(tmp_path):
 def test_a_full_disk_ends_the_run_in_one_line_and_the_rerun_resumes(tmp_path, monkeypatch):
     run_stages(tmp_path, "stages=[collect]")
 
-    def full(tensors, path, **kwargs):
+    def full(tensors, path, **kwargs):  # what the Rust writer raises on ENOSPC
         Path(path).write_bytes(b"half a file")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
 
     monkeypatch.setattr(icm_lab.probeset, "save_file", full)
     with pytest.raises(DiskFullError, match=r"disk is full: could not write .*probes\.safe"):

@@ -44,10 +44,13 @@ def collect(res: Resources, cfg: CollectConfig, seed: int) -> ActivationStore | 
     provenance = collect_provenance(res, cfg, seed)
     root = res.artefact_dir(provenance)
     collection = None
-    if cfg.num_shards > 1 and not ActivationStore.is_complete(root):
-        # Disjoint batches, each marked done once on disk: no lock held while generating.
-        collection = ShardedCollection(res, cfg, seed, provenance, root)
-        collection.write(cfg.shard, cfg.num_shards)
+    if cfg.num_shards > 1:
+        with res.artefact(provenance):
+            complete = res.reusable(root)  # a damaged store is moved aside: written afresh
+        if not complete:
+            # Disjoint batches, each marked done once on disk: no lock held while generating.
+            collection = ShardedCollection(res, cfg, seed, provenance, root)
+            collection.write(cfg.shard, cfg.num_shards)
     with res.artefact(provenance) as root:
         if res.reusable(root):
             log.info("collect: reusing the complete store at %s", root)
@@ -89,6 +92,8 @@ class ShardedCollection:
         for start in tqdm(starts, desc="collect", unit="batch"):
             if ActivationStore.is_complete(self.root):
                 return  # another job merged the store meanwhile
+            if start in self.writer.done():
+                continue  # another job (a rerun, or the merging job) wrote it meanwhile
             rows = self.plan.iloc[start : start + self.batch_size]
             images, activations = self.res.generator.batch(
                 list(rows["prompt"]), list(rows["seed"]),
