@@ -57,7 +57,9 @@ def fairness(labels: Sequence[str], probs: np.ndarray, classes: Sequence[str],
 
 def fairness_by_prompt(table: pd.DataFrame, label: str, prob_prefix: str,
                        classes: Sequence[str], target: np.ndarray) -> dict:
-    """Per prompt, then averaged over prompts (NaN-aware), plus the pooled counts."""
+    """Per prompt, then averaged over prompts (NaN-aware; the paper's way), and FD pooled over
+    all images (`fd_pooled`, `fd_soft_pooled`): one prompt skewed one way and another the
+    other way cancel when pooled, not when averaged."""
     columns = [f"{prob_prefix}{k}" for k in classes]
     per_prompt = {
         prompt: fairness(rows[label], rows[columns].to_numpy(), classes, target)
@@ -66,7 +68,9 @@ def fairness_by_prompt(table: pd.DataFrame, label: str, prob_prefix: str,
     frame = pd.DataFrame(per_prompt).T
     averaged = {key: float(np.nanmean(frame[key].astype(float)))
                 for key in ("fd", "fd_soft", "kl", "deviation")}
-    return {**averaged, "n_images": len(table), "n_undecided": int(frame["n_undecided"].sum()),
+    pooled = fairness(table[label], table[columns].to_numpy(), classes, target)
+    return {**averaged, "fd_pooled": pooled["fd"], "fd_soft_pooled": pooled["fd_soft"],
+            "n_images": len(table), "n_undecided": int(frame["n_undecided"].sum()),
             "per_prompt": per_prompt}
 
 

@@ -35,10 +35,11 @@ COLUMNS = {
     "layers": "layers", "runs": "runs", "probe": "probe", "probe_set": "probe set",
     "kind": "kind", "best": "best bal. acc. ↑", "mean": "mean bal. acc. ↑",
     "top_layers": "top layers (mean bal. acc.)", "base_fd": "base FD",
-    "fd": "FD ↓", "fd_soft": "FD_soft ↓", "fid": "FID ↓", "kid": "KID ↓",
+    "fd": "FD ↓", "fd_pooled": "FD pooled ↓", "fd_soft": "FD_soft ↓", "fid": "FID ↓",
+    "kid": "KID ↓",
     "clip_t": "CLIP-T ↑", "clip_i": "CLIP-I ↑",
 }
-DEBIAS_METRICS = ["fd", "fd_soft", "fid", "kid", "clip_t", "clip_i"]
+DEBIAS_METRICS = ["fd", "fd_pooled", "fd_soft", "fid", "kid", "clip_t", "clip_i"]
 LAYER_KEY = short_name_key()
 
 

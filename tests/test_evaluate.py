@@ -60,6 +60,16 @@ def test_fairness_is_averaged_over_prompts():
         fairness([], np.zeros((0, 2)), ["m", "f"], np.array([0.5, 0.5]))
 
 
+def test_pooled_fd_lets_opposite_biases_cancel():
+    """One prompt all m, the other all f: per prompt both are as far from 50/50 as can be
+    (the paper's FD), pooled they are exactly on target."""
+    table = pd.DataFrame({"prompt": ["p"] * 4 + ["q"] * 4, "label": ["m"] * 4 + ["f"] * 4,
+                          "p_m": [1.0] * 4 + [0.0] * 4, "p_f": [0.0] * 4 + [1.0] * 4})
+    result = fairness_by_prompt(table, "label", "p_", ["m", "f"], np.array([0.5, 0.5]))
+    assert result["fd"] == pytest.approx(math.sqrt(0.5))
+    assert result["fd_pooled"] == pytest.approx(0) and result["fd_soft_pooled"] == pytest.approx(0)
+
+
 @pytest.fixture(scope="module")
 def tiny_clip():
     return instantiate(make_config().clip)()

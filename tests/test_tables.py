@@ -11,8 +11,8 @@ from icm_lab.tables import latex_escape, make_tables
 
 def write_run(directory, method, alpha, fd, clip_i, layers=("mid_block",)):
     directory.mkdir(parents=True)
-    steered = {"fd": fd, "fd_soft": fd / 2, "fid": 10.0, "kid": 0.01, "clip_t": 0.6,
-               "clip_i": clip_i, "n_images": 8, "n_undecided": 1}
+    steered = {"fd": fd, "fd_pooled": fd / 5, "fd_soft": fd / 2, "fid": 10.0, "kid": 0.01,
+               "clip_t": 0.6, "clip_i": clip_i, "n_images": 8, "n_undecided": 1}
     (directory / "metrics.json").write_text(json.dumps({
         "model": "tiny_sd15", "concept": "gender", "method": method, "alpha": alpha,
         "layers": list(layers), "base": {"fd": 0.5}, "steered": steered}))
@@ -37,12 +37,12 @@ def test_tables_from_synthetic_run_directories(tmp_path):
 
     tables = make_tables(root, tmp_path / "tables")
     debias = markdown_rows(tmp_path / "tables" / "debiasing.md")
-    assert debias[0] == ["model", "concept", "method", "alpha", "base FD", "FD ↓", "FD_soft ↓",
-                         "FID ↓", "KID ↓", "CLIP-T ↑", "CLIP-I ↑", "runs"]
-    assert ["tiny_sd15", "gender", "icm", "15", "0.500", "0.150", "0.075", "10.000", "0.010",
-            "0.600", "0.750", "2"] in debias  # the mean of two runs
-    assert ["tiny_sd15", "gender", "none", "-", "0.500", "0.500", "0.250", "10.000", "0.010",
-            "0.600", "1.000", "1"] in debias  # no strength for a method that adds no vector
+    assert debias[0] == ["model", "concept", "method", "alpha", "base FD", "FD ↓", "FD pooled ↓",
+                         "FD_soft ↓", "FID ↓", "KID ↓", "CLIP-T ↑", "CLIP-I ↑", "runs"]
+    assert ["tiny_sd15", "gender", "icm", "15", "0.500", "0.150", "0.030", "0.075", "10.000",
+            "0.010", "0.600", "0.750", "2"] in debias  # the mean of two runs
+    assert ["tiny_sd15", "gender", "none", "-", "0.500", "0.500", "0.100", "0.250", "10.000",
+            "0.010", "0.600", "1.000", "1"] in debias  # no strength: the method adds no vector
     localization = markdown_rows(tmp_path / "tables" / "localization.md")
     assert localization[0] == ["model", "concept", "probe", "probe set", "kind",
                                "best bal. acc. ↑", "mean bal. acc. ↑",
