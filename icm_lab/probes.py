@@ -109,7 +109,7 @@ def standardised_chunks(x: torch.Tensor, chunk_mb: float | None = None
 
 
 def fit_logreg(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float = 1.0,
-               max_iter: int = 100, tol: float = 1e-4, chunk_mb: float | None = None,
+               max_iter: int = 300, tol: float = 1e-4, chunk_mb: float | None = None,
                workers: int | None = None) -> ProbeFit:
     """All P probes together by nonlinear conjugate gradients, each probe (and each one-vs-rest
     output) with its own exact line search, until every largest gradient entry is below `tol`.
