@@ -17,7 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hydra
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -91,11 +93,26 @@ def _one_line_errors(action: Callable):
 
 
 def check_overrides(argv: list[str]) -> None:
-    """Compose and validate a single run's config before Hydra starts, so a bad value is
-    refused in one line with nothing written (no run directory, no artefact, no lock)."""
-    if any(arg.startswith("-") for arg in argv):  # --help, -m, --cfg ...: Hydra's own
-        return
-    _one_line_errors(lambda: validate(compose_config(argv)))
+    """Compose and validate a single run's config, or every job of a plain sweep (`-m` with
+    comma lists), before Hydra starts, so a bad value is refused in one line with nothing
+    written (no run directory, no artefact, no lock) and no job run first."""
+    flags = [arg for arg in argv if arg.startswith("-")]
+    overrides = [arg for arg in argv if not arg.startswith("-")]
+    if not flags:
+        _one_line_errors(lambda: validate(compose_config(overrides)))
+    elif set(flags) <= {"-m", "--multirun"}:
+        _one_line_errors(lambda: [validate(compose_config(job)) for job in sweep_jobs(overrides)])
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The jobs of a plain sweep as Hydra's basic sweeper expands them (every combination of
+    the comma lists), without Hydra's own settings; none for sweeps whose values come from a
+    config (`+sweep=`, another sweeper), which are checked job by job as they start."""
+    if any(o.startswith(("+sweep", "hydra/sweeper")) or "(" in o for o in overrides):
+        return []
+    parsed = OverridesParser.create().parse_overrides(
+        [o for o in overrides if not o.lstrip("+~").startswith("hydra")])
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
 def layers_command(overrides: list[str]) -> None:

@@ -56,6 +56,15 @@ def test_bad_stage_fails_with_a_clear_message(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_sweep_with_one_bad_value_runs_no_job(tmp_path):
+    result = run(sys.executable, "-m", "icm_lab", "-m", "steer.alpha=5,nan", "layers.k=1,2",
+                 f"paths.root={tmp_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "icm_lab: error: steer.alpha=nan must be a finite number")
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "outputs").exists()
+
+
 def test_alpha_by_layers_multirun_shares_collection_and_probes(tmp_path):
     result = run(sys.executable, "-m", "icm_lab", "-m", "model=tiny_sd15", "concept=gender",
                  "steer.alpha=5,15", "layers=auto,paper_sd15", "collect.n_images=30",
