@@ -65,11 +65,6 @@ class Provenance:
             )
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Readers see the old file or the new one (`files.atomic`)."""
-    write_json(path, data)
-
-
 _held: dict[Path, int] = {}  # locks this process holds, with their nesting depth
 
 
@@ -167,11 +162,11 @@ def header_problem(path: Path) -> str | None:
                 expected = 8 + length + max((entry["data_offsets"][1] for key, entry in
                                              header.items() if key != "__metadata__"), default=0)
             elif path.suffix == ".parquet":
-                if f.read(4) != b"PAR1" or (f.seek(-4, 2), f.read(4))[1] != b"PAR1":
+                if f.read(4) != b"PAR1" or _tail(f, 4) != b"PAR1":
                     return "not a whole parquet file"
                 return None
             elif path.suffix == ".png":
-                if f.read(8) != _PNG_START or (f.seek(-8, 2), f.read(8))[1] != _PNG_END:
+                if f.read(8) != _PNG_START or _tail(f, 8) != _PNG_END:
                     return "not a whole PNG image"
                 return None
             elif path.suffix == ".json":
@@ -182,6 +177,11 @@ def header_problem(path: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"unreadable header ({error})"
     return None if expected == size else f"its header says {expected} bytes, it has {size}"
+
+
+def _tail(f: Any, n: int) -> bytes:
+    f.seek(-n, 2)
+    return f.read(n)
 
 
 def digest(path: Path) -> str:

@@ -24,9 +24,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from icm_lab.artefacts import Provenance, damage, is_sealed, read_json, seal, write_json_atomic
+from icm_lab.artefacts import Provenance, damage, is_sealed, read_json, seal
 from icm_lab.errors import UserError
-from icm_lab.files import atomic, write_table
+from icm_lab.files import atomic, write_json, write_table
 from icm_lab.probes import ProbeFit
 
 
@@ -88,7 +88,7 @@ class ProbeSet:
             save_file(tensors, tmp, metadata=metadata)
         write_table(scores, root / "scores.parquet")
         write_table(scores, root / "scores.csv")
-        write_json_atomic(root / "meta.json", {
+        write_json(root / "meta.json", {
             "provenance": asdict(provenance), "classes": classes, "backend": backend,
             "layers": list(fits), "n_steps": int(scores["step"].max()) + 1,
         })

@@ -24,9 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from icm_lab.artefacts import write_json_atomic
 from icm_lab.errors import UserError, choices_error
-from icm_lab.files import atomic
+from icm_lab.files import atomic, write_json
 from icm_lab.hooks import AddVector
 
 POLICIES = ("all", "minimal", "paper_batch")
@@ -136,7 +135,7 @@ class SteerPlan:
                    for i, e in enumerate(self.edits)}
         with atomic(directory / "plan.safetensors") as tmp:
             save_file(tensors, tmp)
-        write_json_atomic(directory / "plan.json", data)
+        write_json(directory / "plan.json", data)
         return directory / "plan.json"
 
     @classmethod

@@ -48,10 +48,9 @@ from icm_lab.artefacts import (
     read_json,
     row_digests,
     seal,
-    write_json_atomic,
 )
 from icm_lab.errors import UserError
-from icm_lab.files import disk_full, remove_dead_temporaries, write_table
+from icm_lab.files import disk_full, remove_dead_temporaries, write_json, write_table
 from icm_lab.models.layers import LayerInfo
 
 DIGESTS = "_digests"  # a marker's column: each sample's row digests, layer by layer
@@ -105,7 +104,7 @@ class StoreWriter:
             if stamp.exists():
                 provenance.check(read_json(stamp), self.root)
             else:
-                write_json_atomic(stamp, asdict(provenance))
+                write_json(stamp, asdict(provenance))
             tidy(self.root)
 
     def _markers(self) -> Iterator[tuple[int, int, Path]]:
@@ -136,7 +135,7 @@ class StoreWriter:
                     self.out.mkdir(exist_ok=True)
                     for layer in self.layers:
                         self._allocate(layer, n_steps)
-                    write_json_atomic(layout, {"n_steps": n_steps, "headers": {
+                    write_json(layout, {"n_steps": n_steps, "headers": {
                         layer.name: npy_header(self._partial(layer)).hex()
                         for layer in self.layers}})
         try:  # np.load reads the header only
@@ -214,7 +213,7 @@ class StoreWriter:
         for layer in self.layers:
             if self._partial(layer).exists():  # else renamed by an interrupted finalize
                 os.replace(self._partial(layer), self.out / f"{layer.name}.npy")
-        write_json_atomic(self.out / "meta.json", {
+        write_json(self.out / "meta.json", {
             "provenance": asdict(self.provenance),
             "layers": [asdict(layer) for layer in self.layers],
             "n_steps": arrays["n_steps"],
@@ -243,12 +242,11 @@ def _flush_rows(array: np.memmap, start: int, end: int, last: bool) -> None:
 
 def tidy(root: Path) -> None:
     """Remove what killed jobs left behind: temporaries whose owner is gone, and once the store
-    is complete, its batch markers (and an older layout's shards)."""
+    is complete, its batch markers."""
     root = Path(root)
     remove_dead_temporaries(root)
     if ActivationStore.is_complete(root):
-        for spent in (root / "batches", root / "shards"):
-            shutil.rmtree(spent, ignore_errors=True)
+        shutil.rmtree(root / "batches", ignore_errors=True)
 
 
 def io_per_byte_stored(make_store: Callable[[], ActivationStore]) -> dict[str, float]:

@@ -24,10 +24,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from icm_lab.artefacts import write_json_atomic
 from icm_lab.errors import UserError
 from icm_lab.figures import class_distribution
-from icm_lab.files import write_table
+from icm_lab.files import write_json, write_table
 from icm_lab.metrics import (
     FEATURES,
     clip_score,
@@ -127,7 +126,7 @@ def write_results(res: Resources, table: pd.DataFrame, metrics: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_table(table, out / "images.parquet")
     write_table(table, out / "images.csv")
-    write_json_atomic(res.run_dir / "metrics.json", metrics)
+    write_json(res.run_dir / "metrics.json", metrics)
     strength = "" if metrics["alpha"] is None else f", alpha {metrics['alpha']:g}"
     return class_distribution(
         table, metrics["classes"], np.asarray(metrics["target"]), out / "distribution.png",

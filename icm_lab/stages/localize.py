@@ -22,10 +22,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from icm_lab.artefacts import Provenance, fingerprint, write_json_atomic
+from icm_lab.artefacts import Provenance, fingerprint
 from icm_lab.errors import UserError
 from icm_lab.figures import explicit_swap_comparison, layer_ranking, separability_heatmaps
-from icm_lab.files import write_table
+from icm_lab.files import write_json, write_table
 from icm_lab.hooks import SwapContext
 from icm_lab.labeler import UNDECIDED
 from icm_lab.models.layers import LayerInfo
@@ -179,7 +179,7 @@ def report_selection(res: Resources, probes: ProbeSet,
     selected = selection.resolve(res.registry, probes.scores)
     names = [layer.name for layer in selected]
     write_table(ranking, res.run_dir / "layer_ranking.csv")
-    write_json_atomic(res.run_dir / "selected_layers.json",
+    write_json(res.run_dir / "selected_layers.json",
                       {"layers": names, "window": [selection.window.start,
                                                    selection.window.stop]})
     figure = layer_ranking(ranking, res.run_dir / "layer_ranking.png",
