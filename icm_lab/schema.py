@@ -62,7 +62,8 @@ class CollectConfig:
 class LocalizeConfig:
     method: str = "implicit"  # implicit, or explicit_swap: also the swap baseline
     split: str = "prompt"  # prompt: grouped by prompt; image: stratified per image (the paper)
-    test_size: float = 0.2
+    test_size: float = 0.2  # the held-out share of the single split (folds=1)
+    folds: int = 5  # k-fold separability (mean and std over folds); 1: one test_size split
     swap_images: int = 16
 
     def __post_init__(self) -> None:
@@ -70,6 +71,9 @@ class LocalizeConfig:
         _choice("localize.split", self.split, ("prompt", "image"))
         if not (math.isfinite(self.test_size) and 0 < self.test_size < 1):
             raise ConfigError(f"localize.test_size={self.test_size!r} must be in (0, 1)")
+        if self.folds < 1:
+            raise ConfigError(f"localize.folds={self.folds!r} must be 1 (one split of "
+                              "localize.test_size) or an integer >= 2 (k-fold)")
         _count("localize.swap_images", self.swap_images)
 
 

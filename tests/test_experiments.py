@@ -38,10 +38,11 @@ def test_paper_experiment_pins_the_protocol(name):
     assert list(cfg.concept.eval_prompts) == [f"A face of a {job}" for job in
                                               ("firefighter", "doctor", "receptionist", "nurse")]
     assert cfg.concept.target is None  # uniform
-    # localization: 5 images per neutral prompt, per-image stratified 80/20 split, seed 42,
+    # localization: 5 images per neutral prompt, one per-image stratified 80/20 split, seed 42,
     # StandardScaler + L2 logistic regression with C = 1
     assert cfg.collect.n_images == 5 * len(cfg.concept.templates) * len(cfg.concept.subjects)
-    assert (cfg.localize.split, cfg.localize.test_size, cfg.seed) == ("image", 0.2, 42)
+    assert (cfg.localize.split, cfg.localize.test_size, cfg.localize.folds, cfg.seed) == (
+        "image", 0.2, 1, 42)
     assert (cfg.probe.name, cfg.probe.C) == ("sklearn", 1.0)
     # steering
     assert cfg.method._target_ == "icm_lab.methods.Icm"
