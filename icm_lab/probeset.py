@@ -7,6 +7,10 @@
                                                                in raw activation space
                            L/direction_mean_diff [S, K, W]     the same from the difference of
                                                                class means, whatever the probe
+                           L/sigma [S, K], L/sigma_mean_diff   the spread of the activations
+                                                               along each direction
+                                                               (`projection_std`): the unit of
+                                                               `steer.units=sigma`
                          metadata `icm_lab`: provenance, classes, backend (JSON)
     scores.parquet/.csv  one row per (layer, step): balanced_accuracy, accuracy, auroc, ...
     meta.json            classes, backend, layers, steps
@@ -18,7 +22,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 import torch
 from safetensors import safe_open
@@ -29,9 +35,28 @@ from icm_lab.errors import UserError
 from icm_lab.files import atomic, write_json, write_table
 from icm_lab.probes import ProbeFit
 
+if TYPE_CHECKING:
+    from icm_lab.store import ActivationStore
+
+SOURCES = ("probe", "mean_diff")  # where a direction comes from (steer.direction)
+
+
+def projection_std(x: np.ndarray, directions: torch.Tensor) -> torch.Tensor:
+    """`[S, K]`: over the N images of `x: [N, S, W]` (one layer's recorded activations), the
+    population standard deviation (ddof 0) of the projection <x, d> on each unit direction d of
+    `directions: [S, K, W]`, per step. One step at a time in float64, centred before
+    projecting: memory stays at one step's activations and float16 inputs lose nothing."""
+    out = torch.empty(directions.shape[:2], dtype=torch.float64)
+    for step in range(directions.shape[0]):
+        xs = torch.from_numpy(np.asarray(x[:, step], dtype=np.float64))  # [N, W]
+        out[step] = ((xs - xs.mean(dim=0)) @ directions[step].double().T).std(dim=0,
+                                                                              correction=0)
+    return out.float()
+
 
 class ProbeSet:
     FILE = "probes.safetensors"
+    LAYOUT = 2  # the tensors it holds; in the localize fingerprint (2: sigma added)
 
     def __init__(self, root: Path, expect: Provenance | None = None):
         self.root = Path(root)
@@ -62,7 +87,12 @@ class ProbeSet:
     def directions(self, layer: str, source: str = "probe") -> torch.Tensor:
         """`[steps, classes, width]` unit directions in raw activation space, from the fitted
         probe (`probe`) or from the difference of class means (`mean_diff`)."""
-        return self._tensor(layer, "direction" if source == "probe" else f"direction_{source}")
+        return self._tensor(layer, _key("direction", source))
+
+    def sigmas(self, layer: str, source: str = "probe") -> torch.Tensor:
+        """`[steps, classes]`: the spread of the collected activations along each of
+        `directions(layer, source)` (`projection_std`)."""
+        return self._tensor(layer, _key("sigma", source))
 
     def fit(self, layer: str) -> ProbeFit:
         """The layer's probes, one per step, as a batch of P = steps probes."""
@@ -71,14 +101,18 @@ class ProbeSet:
     @classmethod
     def write(cls, root: Path, provenance: Provenance, classes: list[str], backend: str,
               fits: dict[str, ProbeFit], mean_diffs: dict[str, ProbeFit],
-              scores: pd.DataFrame) -> ProbeSet:
+              scores: pd.DataFrame, store: ActivationStore) -> ProbeSet:
+        """Write the probe set; `store` holds the activations the sigmas are measured on."""
         root.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for layer, fit in fits.items():
             tensors |= {f"{layer}/mean": fit.mean, f"{layer}/scale": fit.scale,
-                        f"{layer}/weight": fit.weight, f"{layer}/bias": fit.bias,
-                        f"{layer}/direction": fit.directions(len(classes)),
-                        f"{layer}/direction_mean_diff": mean_diffs[layer].directions(len(classes))}
+                        f"{layer}/weight": fit.weight, f"{layer}/bias": fit.bias}
+            x = store[layer]
+            for source, each in zip(SOURCES, (fit, mean_diffs[layer]), strict=True):
+                directions = each.directions(len(classes)).detach().cpu()
+                tensors[f"{layer}/{_key('direction', source)}"] = directions
+                tensors[f"{layer}/{_key('sigma', source)}"] = projection_std(x, directions)
         tensors = {k: v.detach().cpu().float().contiguous() for k, v in tensors.items()}
         # One key: safetensors writes its metadata map in a random order, and equal probe sets
         # must be equal files.
@@ -94,3 +128,8 @@ class ProbeSet:
         })
         seal(root)
         return cls(root, expect=provenance)
+
+
+def _key(field: str, source: str) -> str:
+    """A tensor's name within a layer: `direction`, `sigma` for the probe's, else suffixed."""
+    return field if source == "probe" else f"{field}_{source}"

@@ -81,7 +81,8 @@ def localize_provenance(res: Resources, cfg: LocalizeConfig, probe: Probe,
         stage="localize", model=res.model.name, concept=res.concept.name,
         fingerprint=fingerprint(collect=store.meta["provenance"]["fingerprint"],
                                 probe={"name": probe.name, **probe.options}, split=cfg.split,
-                                test_size=cfg.test_size, seed=seed),
+                                test_size=cfg.test_size, seed=seed,
+                                layout=ProbeSet.LAYOUT),
     )
 
 
@@ -117,7 +118,8 @@ def _fit_and_report(res: Resources, cfg: LocalizeConfig, probe: Probe, store: Ac
     separability_heatmaps(table, root / "separability.png", chance=1 / len(classes),
                           title=f"{res.model.name}, {res.concept.name}: how well a linear probe "
                                 f"reads the {len(classes)} classes from each layer and step")
-    return ProbeSet.write(root, provenance, classes, probe.name, fits, mean_diffs, table)
+    return ProbeSet.write(root, provenance, classes, probe.name, fits, mean_diffs, table,
+                          store)
 
 
 def fit_all_layers(probe: Probe, store: ActivationStore, decided: np.ndarray, y: np.ndarray,
