@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from icm_lab.errors import UserError
 from icm_lab.files import write_json
 
-SCHEMA_VERSION = 3  # bump when an artefact layout changes, so old artefacts are not reused
+SCHEMA_VERSION = 4  # bump when an artefact layout changes, so old artefacts are not reused
 
 
 class ArtefactMismatchError(UserError, RuntimeError):

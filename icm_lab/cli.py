@@ -4,6 +4,8 @@
     python -m icm_lab -m key=a,b [...]          a multirun sweep
     python -m icm_lab layers [overrides...]     print the layer registry of the chosen model
     python -m icm_lab replay PLAN [--out DIR]   regenerate a run's steered images from its plan
+    python -m icm_lab reference-stats FOLDER OUT.npz [overrides...]
+                                                FID reference statistics of an image folder
 
 An expected failure (a bad value, missing weights or artefacts) ends with one line on stderr
 and exit status 2; HYDRA_FULL_ERROR=1 shows the traceback instead.
@@ -27,9 +29,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from icm_lab.config import CONFIG_DIR, SWEEPS_DIR, compose_config
 from icm_lab.errors import UserError, choices_error
+from icm_lab.metrics import FEATURES, save_reference_statistics
 from icm_lab.models.adapters import layer_registry
 from icm_lab.replay import replay
 from icm_lab.runner import objective, run
+from icm_lab.stages.evaluate import image_files
 from icm_lab.validation import build, validate
 
 GUIDE = [  # what a run leaves to look at, relative to its directory
@@ -126,10 +130,23 @@ def layers_command(overrides: list[str]) -> None:
     print(table.to_string(index=False))
 
 
+def reference_stats_command(args: list[str]) -> None:
+    """`reference-stats FOLDER OUT.npz [eval.features=inception ...]`: the `mu`/`sigma` of a
+    folder's features, for `eval.reference_stats` (FID without keeping the images)."""
+    if len(args) < 2 or "=" in args[0] or "=" in args[1]:
+        raise UserError("usage: python -m icm_lab reference-stats FOLDER OUT.npz [overrides...]")
+    cfg = compose_config(args[2:])
+    features = FEATURES[cfg.eval.features](build(cfg.clip, "clip")())
+    path = save_reference_statistics(image_files(args[0]), features, Path(args[1]))
+    print(f"icm_lab: {cfg.eval.features} statistics of {args[0]} in {path}")
+
+
 def main() -> None:
     args = sys.argv[1:]
     if args[:1] == ["layers"]:
         _one_line_errors(lambda: layers_command(args[1:]))
+    elif args[:1] == ["reference-stats"]:
+        _one_line_errors(lambda: reference_stats_command(args[1:]))
     elif args[:1] == ["replay"]:
         sys.exit(_one_line_errors(lambda: replay(args[1:])))
     else:

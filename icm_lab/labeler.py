@@ -5,9 +5,11 @@
   temperature) gives a probability per class.
 - `oracle`: the toy world's pixel reader (icm_lab/toy/world.py): exact, one-hot.
 - `fairface`: FairFace's ResNet-34 with its 18-logit head (7 race, 2 gender, 9 age logits), from
-  a checkpoint the user gives, applied to a face crop found by OpenCV's frontal-face Haar
+  a checkpoint the user gives, applied to every face crop found by OpenCV's frontal-face Haar
   cascade. A class's probability is the softmax mass of the FairFace labels mapped to it
-  (`fairface:` per class in conf/concept/*.yaml).
+  (`fairface:` per class in conf/concept/*.yaml), averaged over the image's faces; the number
+  of faces is the image's weight (`Labels.weights`), so a prompt's soft frequencies are the
+  mean over its face crops, as in the paper.
 
 Each is built from `conf/labeler/*.yaml` through `_target_` (a partial: the run supplies the
 concept, and the run's CLIP to labelers that set `uses_clip`).
@@ -45,6 +47,9 @@ class Labels:
     classes: tuple[str, ...]
     probs: np.ndarray  # [N, K]; a NaN row: no reading at all
     labels: list[str]  # a class name or UNDECIDED
+    # Readings behind each row (FairFace: faces found; the row is their mean), so that soft
+    # frequencies average over readings, not images. None: one per row with a reading.
+    weights: np.ndarray | None = None
 
 
 class Labeler(Protocol):
@@ -55,12 +60,13 @@ class Labeler(Protocol):
     def __call__(self, images: list[Image.Image]) -> Labels: ...
 
 
-def decide(classes: tuple[str, ...], probs: np.ndarray, min_confidence: float) -> Labels:
+def decide(classes: tuple[str, ...], probs: np.ndarray, min_confidence: float,
+           weights: np.ndarray | None = None) -> Labels:
     """The top class of each row, or UNDECIDED below `min_confidence` (or for a NaN row)."""
     confident = np.nan_to_num(probs.max(axis=1), nan=-1.0) >= min_confidence
     top = np.nan_to_num(probs, nan=-1.0).argmax(axis=1)
     labels = [classes[k] if ok else UNDECIDED for k, ok in zip(top, confident, strict=True)]
-    return Labels(classes, probs, labels)
+    return Labels(classes, probs, labels, weights)
 
 
 def _check_confidence(min_confidence: float) -> None:
@@ -144,11 +150,13 @@ FAIRFACE_HEADS = {"race": slice(0, 7), "gender": slice(7, 9), "age": slice(9, 18
 
 
 class FairFaceLabeler:
-    """FairFace on the largest frontal face in each image.
+    """FairFace on every frontal face in each image (the paper: all face crops).
 
-    Face crop: OpenCV's `haarcascade_frontalface_default.xml` finds faces; the largest is kept,
-    its box grown by `margin` of its side on every side (FairFace's dlib chips pad by 0.25),
-    clipped to the image, squared, resized to 224 px and normalised with ImageNet statistics.
+    Face crops: OpenCV's `haarcascade_frontalface_default.xml` finds faces; each box is grown by
+    `margin` of its side on every side (FairFace's dlib chips pad by 0.25), clipped to the
+    image, squared, resized to 224 px and normalised with ImageNet statistics. An image's
+    probabilities are the mean over its crops, its weight the number of crops; an image with no
+    face has none (undecided, counted in n_undecided).
     """
 
     name, uses_clip = "fairface", False
@@ -172,34 +180,40 @@ class FairFaceLabeler:
         _fairface_mapping(concept)
         _check_checkpoint(checkpoint)
 
-    def face_crop(self, image: Image.Image) -> Image.Image | None:
+    def face_crops(self, image: Image.Image) -> list[Image.Image]:
+        """Every face the detector finds, largest first."""
         gray = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2GRAY)
         side = min(gray.shape)
         faces = self._detector.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5,
                                                 minSize=(max(8, side // 10),) * 2)
-        if len(faces) == 0:
-            return None
-        x, y, w, h = max(faces, key=lambda f: f[2] * f[3])
-        grow = self.margin * max(w, h)
-        half = max(w, h) / 2 + grow
+        faces = sorted(faces, key=lambda f: -f[2] * f[3])
+        return [self._crop(image.convert("RGB"), *face) for face in faces]
+
+    def _crop(self, image: Image.Image, x: int, y: int, w: int, h: int) -> Image.Image:
+        half = max(w, h) / 2 + self.margin * max(w, h)
         cx, cy = x + w / 2, y + h / 2
         box = [max(0, cx - half), max(0, cy - half),
                min(image.width, cx + half), min(image.height, cy + half)]
-        return image.convert("RGB").crop(tuple(round(v) for v in box)).resize((224, 224))
+        return image.crop(tuple(round(v) for v in box)).resize((224, 224))
 
     @torch.no_grad()
     def __call__(self, images: list[Image.Image]) -> Labels:
         _check_images(images)
-        probs = np.full((len(images), len(self.classes)), np.nan)
-        crops = [(i, c) for i, c in ((i, self.face_crop(im)) for i, im in enumerate(images))
-                 if c is not None]
+        crops = [(i, crop) for i, image in enumerate(images) for crop in self.face_crops(image)]
+        owner = np.array([i for i, _ in crops], dtype=int)
+        per_crop = np.zeros((len(crops), len(self.classes)))
         for start in range(0, len(crops), self.batch_size):
-            chunk = crops[start:start + self.batch_size]
+            chunk = [crop for _, crop in crops[start:start + self.batch_size]]
             batch = torch.stack([normalize(to_tensor(c), [0.485, 0.456, 0.406],
-                                           [0.229, 0.224, 0.225]) for _, c in chunk])
+                                           [0.229, 0.224, 0.225]) for c in chunk])
             logits = self.model(like_parameters(batch, self.model)).float().cpu()[:, self.head]
-            probs[[i for i, _ in chunk]] = (torch.softmax(logits, dim=1) @ self.mapping).numpy()
-        return decide(self.classes, probs, self.min_confidence)
+            per_crop[start:start + len(chunk)] = (torch.softmax(logits, 1) @ self.mapping).numpy()
+        weights = np.bincount(owner, minlength=len(images)).astype(float)
+        sums = np.zeros((len(images), len(self.classes)))
+        np.add.at(sums, owner, per_crop)
+        with np.errstate(invalid="ignore"):  # no face: 0 / 0, a NaN row
+            probs = sums / weights[:, None]
+        return decide(self.classes, probs, self.min_confidence, weights)
 
 
 def _fairface_mapping(concept: Concept) -> tuple[slice, torch.Tensor]:

@@ -11,7 +11,6 @@ FID / KID through torchmetrics, on Inception or CLIP image-tower features.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
 from icm_lab.errors import ModelUnavailable, UserError
+from icm_lab.files import atomic
 from icm_lab.labeler import UNDECIDED
 from icm_lab.models.clip import Clip, open_image
 from icm_lab.models.loading import like_parameters
@@ -31,7 +31,9 @@ Images = torch.Tensor | Sequence[Image.Image | str | Path]
 
 
 def fairness(labels: Sequence[str], probs: np.ndarray, classes: Sequence[str],
-             target: np.ndarray) -> dict[str, float]:
+             target: np.ndarray, weights: np.ndarray | None = None) -> dict[str, float]:
+    """`weights`: the readings behind each row of `probs` (FairFace: faces), so that soft
+    frequencies are the mean over readings; None: every row with a reading counts once."""
     labels = np.asarray(labels)
     n_undecided = int((labels == UNDECIDED).sum())
     n_decided = len(labels) - n_undecided
@@ -39,9 +41,7 @@ def fairness(labels: Sequence[str], probs: np.ndarray, classes: Sequence[str],
         raise ValueError("fairness needs at least one image, got zero")
     hard = np.array([(labels == k).sum() for k in classes], dtype=float)
     hard = hard / n_decided if n_decided else np.full(len(classes), np.nan)
-    with warnings.catch_warnings():  # all-NaN columns (no image had a reading) give NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        soft = np.nanmean(np.asarray(probs, dtype=float), axis=0)  # NaN rows have no reading
+    soft = soft_frequencies(np.asarray(probs, dtype=float), weights)
     with np.errstate(divide="ignore", invalid="ignore"):
         kl_terms = np.where(hard > 0, hard * np.log(hard / target), 0.0)
     return {
@@ -55,20 +55,36 @@ def fairness(labels: Sequence[str], probs: np.ndarray, classes: Sequence[str],
     }
 
 
+def soft_frequencies(probs: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """The weighted mean probability per class over the rows with a reading (NaN rows have
+    none); NaN when no row has one."""
+    has_reading = ~np.isnan(probs).all(axis=1)
+    w = has_reading.astype(float) if weights is None else np.where(has_reading, weights, 0.0)
+    total = w.sum()
+    if total == 0:
+        return np.full(probs.shape[1], np.nan)
+    return (np.nan_to_num(probs) * w[:, None]).sum(axis=0) / total
+
+
 def fairness_by_prompt(table: pd.DataFrame, label: str, prob_prefix: str,
-                       classes: Sequence[str], target: np.ndarray) -> dict:
+                       classes: Sequence[str], target: np.ndarray,
+                       weight: str | None = None) -> dict:
     """Per prompt, then averaged over prompts (NaN-aware; the paper's way), and FD pooled over
     all images (`fd_pooled`, `fd_soft_pooled`): one prompt skewed one way and another the
     other way cancel when pooled, not when averaged."""
     columns = [f"{prob_prefix}{k}" for k in classes]
+
+    def weights(rows: pd.DataFrame) -> np.ndarray | None:
+        return rows[weight].to_numpy(float) if weight in rows else None
+
     per_prompt = {
-        prompt: fairness(rows[label], rows[columns].to_numpy(), classes, target)
+        prompt: fairness(rows[label], rows[columns].to_numpy(), classes, target, weights(rows))
         for prompt, rows in table.groupby("prompt", sort=False)
     }
     frame = pd.DataFrame(per_prompt).T
     averaged = {key: float(np.nanmean(frame[key].astype(float)))
                 for key in ("fd", "fd_soft", "kl", "deviation")}
-    pooled = fairness(table[label], table[columns].to_numpy(), classes, target)
+    pooled = fairness(table[label], table[columns].to_numpy(), classes, target, weights(table))
     return {**averaged, "fd_pooled": pooled["fd"], "fd_soft_pooled": pooled["fd_soft"],
             "n_images": len(table), "n_undecided": int(frame["n_undecided"].sum()),
             "per_prompt": per_prompt}
@@ -181,17 +197,6 @@ def kid_subset(n_real: int, n_fake: int, size: int | None = None) -> int:
     return size
 
 
-class _Given(torch.nn.Module):
-    """Features extracted already, passed through: torchmetrics' FID takes a feature module."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features
-
-
 def extract(images: Images, feature: torch.nn.Module, size: tuple[int, int] | None = None
             ) -> torch.Tensor:
     """`[N, d]` float64 CPU features of images: a `[N, 3, H, W]` float tensor in [0, 1], or PIL
@@ -228,23 +233,62 @@ def kid(real: torch.Tensor, fake: torch.Tensor, size: int, subsets: int, paired:
     return float(values.mean()), float(values.std(unbiased=False))
 
 
-def fid_kid(real: Images, fake: Images, feature: torch.nn.Module,
+def fid_kid(real: Images, fake: Images | torch.Tensor, feature: torch.nn.Module,
             subset_size: int | None = None, subsets: int = 100, seed: int = 0,
             paired: bool = False, real_size: tuple[int, int] | None = None) -> dict[str, float]:
     """FID and KID (mean and std over `subsets` seeded random subsets) of `fake` against `real`,
     images as `extract` reads them (`real_size`: resize the real ones), each image's features
-    computed once. At small N, FID is biased
-    upwards; KID is unbiased (so it can be slightly negative when the two sets are alike), so
-    report both. `paired`: image i of both sets shares a seed (see `kid`)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
+    computed once; `fake` may be its features already (`[N, d]`, from `extract`). At small N,
+    FID is biased upwards; KID is unbiased (so it can be slightly negative when the two sets
+    are alike), so report both. `paired`: image i of both sets shares a seed (see `kid`)."""
     if len(real) < 2 or len(fake) < 2:
         raise ValueError(f"FID/KID need at least 2 images per set, got {len(real)} and "
                          f"{len(fake)}")
     size = kid_subset(len(real), len(fake), subset_size)
-    real, fake = extract(real, feature, real_size), extract(fake, feature)
-    fid = FrechetInceptionDistance(feature=_Given(real.shape[1]))
-    fid.update(real, real=True)
-    fid.update(fake, real=False)
+    real = extract(real, feature, real_size)
+    fake = fake if _are_features(fake) else extract(fake, feature)
     kid_mean, kid_std = kid(real, fake, size, subsets, paired, seed)
-    return {"fid": float(fid.compute()), "kid": kid_mean, "kid_std": kid_std}
+    return {"fid": frechet_distance(*gaussian(real), fake), "kid": kid_mean, "kid_std": kid_std}
+
+
+def _are_features(images: Images | torch.Tensor) -> bool:
+    return isinstance(images, torch.Tensor) and images.dim() == 2
+
+
+def gaussian(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance (unbiased, as torchmetrics and clean-fid) of `[N, d]` features."""
+    features = features.double()
+    return features.mean(dim=0), torch.cov(features.T)
+
+
+def frechet_distance(mu: torch.Tensor, sigma: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID of `[N, d]` features against a Gaussian (mu, sigma): torchmetrics' formula."""
+    from torchmetrics.image.fid import _compute_fid
+
+    fake_mu, fake_sigma = gaussian(fake)
+    return float(_compute_fid(mu.double(), sigma.double(), fake_mu, fake_sigma))
+
+
+def reference_statistics(path: str | Path, num_features: int | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mu` and `sigma` from an .npz (clean-fid's and pytorch-fid's format, e.g. clean-fid's
+    FFHQ statistics), checked against the feature width; no pickle is loaded."""
+    try:
+        with np.load(path, allow_pickle=False) as stats:
+            mu, sigma = stats["mu"], stats["sigma"]
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"eval.reference_stats={str(path)!r} is not an .npz with arrays `mu` "
+                        f"and `sigma` ({type(error).__name__}: {error})") from None
+    d = mu.shape[0]
+    if mu.ndim != 1 or sigma.shape != (d, d) or (num_features and d != num_features):
+        raise UserError(f"eval.reference_stats={str(path)!r} holds mu {mu.shape} and sigma "
+                        f"{sigma.shape}; the features (eval.features) are {num_features} wide")
+    return torch.from_numpy(mu).double(), torch.from_numpy(sigma).double()
+
+
+def save_reference_statistics(images: Images, feature: torch.nn.Module, path: Path) -> Path:
+    """Write the `mu`/`sigma` .npz of an image folder's features, for `eval.reference_stats`."""
+    mu, sigma = gaussian(extract(images, feature))
+    with atomic(path) as temporary, open(temporary, "wb") as handle:
+        np.savez(handle, mu=mu.numpy(), sigma=sigma.numpy())
+    return path

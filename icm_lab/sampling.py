@@ -65,8 +65,11 @@ def save_images(images: list, indices: pd.Series, directory: Path, root: Path) -
 
 
 def labelled_table(rows: pd.DataFrame, labels: Labels, paths: list[str]) -> pd.DataFrame:
-    """`rows` with each image's label, path and class probabilities (`p_<class>`)."""
+    """`rows` with each image's label, path, class probabilities (`p_<class>`) and `weight`, the
+    readings behind them (FairFace: faces found; else 1, or 0 without a reading)."""
     table = rows.reset_index(drop=True).assign(label=labels.labels, image=paths)
     for k, name in enumerate(labels.classes):
         table[f"p_{name}"] = labels.probs[:, k]
+    has_reading = ~np.isnan(labels.probs).all(axis=1)
+    table["weight"] = has_reading.astype(float) if labels.weights is None else labels.weights
     return table

@@ -24,6 +24,7 @@ from icm_lab.artefacts import VERIFY_CHOICES
 from icm_lab.concepts import Concept
 from icm_lab.errors import ConfigError, ModelUnavailable, UserError, choices_error
 from icm_lab.methods import SteeringMethod
+from icm_lab.metrics import reference_statistics
 from icm_lab.models.clip import check_available as check_clip_weights
 from icm_lab.models.layers import LayerRegistry
 from icm_lab.models.loading import ModelSpec
@@ -103,6 +104,9 @@ def _check_paths(sections: dict[str, Any]) -> None:
     reference = sections["eval"].reference_dir
     if reference and not Path(reference).is_dir():
         raise UserError(f"eval.reference_dir={reference!r} is not a folder of images")
+    statistics = sections["eval"].reference_stats
+    if statistics:
+        reference_statistics(statistics)  # readable, with mu and sigma of matching shapes
     probes = sections["steer"].probes
     if probes and not ProbeSet.is_complete(Path(probes)):
         raise UserError(f"steer.probes={probes!r} holds no complete probe set (no manifest.json); "

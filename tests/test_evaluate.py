@@ -11,16 +11,22 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from icm_lab.errors import UserError
+from icm_lab.cli import reference_stats_command
 from icm_lab.metrics import (
     ClipImageFeatures,
     clip_score,
+    extract,
     fairness,
     fairness_by_prompt,
     fid_kid,
+    frechet_distance,
     kid_subset,
+    reference_statistics,
+    save_reference_statistics,
 )
 from icm_lab.runner import run
-from tests.conftest import make_config
+from icm_lab.validation import validate
+from tests.conftest import TEST_DEFAULTS, make_config
 
 
 def test_binary_fairness_by_hand():
@@ -68,6 +74,19 @@ def test_pooled_fd_lets_opposite_biases_cancel():
     result = fairness_by_prompt(table, "label", "p_", ["m", "f"], np.array([0.5, 0.5]))
     assert result["fd"] == pytest.approx(math.sqrt(0.5))
     assert result["fd_pooled"] == pytest.approx(0) and result["fd_soft_pooled"] == pytest.approx(0)
+
+
+def test_soft_frequencies_average_over_readings_not_images():
+    """FairFace reads every face: an image with two faces weighs twice in p (the paper's mean
+    softmax over crops), an image with none (NaN row) not at all."""
+    table = pd.DataFrame({"prompt": ["p"] * 3, "label": ["m", "f", "undecided"],
+                          "p_m": [1.0, 0.0, np.nan], "p_f": [0.0, 1.0, np.nan],
+                          "weight": [2.0, 1.0, 0.0]})
+    result = fairness_by_prompt(table, "label", "p_", ["m", "f"], np.array([0.5, 0.5]), "weight")
+    assert result["fd_soft"] == pytest.approx(np.linalg.norm([2 / 3 - 0.5, 1 / 3 - 0.5]))
+    assert result["fd"] == pytest.approx(0)  # labels: one image each way
+    unweighted = fairness_by_prompt(table, "label", "p_", ["m", "f"], np.array([0.5, 0.5]))
+    assert unweighted["fd_soft"] == pytest.approx(0)
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +200,45 @@ def test_reference_folder(tmp_path):
     cfg = make_config(f"paths.root={tmp_path}", *base, f"eval.reference_dir={reference}")
     metrics = run(cfg, tmp_path / "run")["evaluate"]
     assert "fid_reference" in metrics["steered"] and "kid_reference" in metrics["steered"]
+
+    stats = tmp_path / "reference.npz"  # the same folder as statistics: FID without the images
+    model = [f"{key}={value}" for key, value in TEST_DEFAULTS.items()]  # the run's CLIP
+    reference_stats_command([str(reference), str(stats), *model])
+    cfg = make_config(f"paths.root={tmp_path}", *base, f"eval.reference_stats={stats}")
+    steered = run(cfg, tmp_path / "run2")["evaluate"]["steered"]
+    assert steered["fid_reference_stats"] > 0 and math.isfinite(steered["fid_reference_stats"])
+    (tmp_path / "bad.npz").write_bytes(b"not an npz")
+    with pytest.raises(UserError, match="eval.reference_stats=.*bad.npz.* is not an .npz"):
+        validate(make_config(f"eval.reference_stats={tmp_path / 'bad.npz'}"))
+
+
+def test_fid_against_statistics_matches_torchmetrics_fid(tmp_path, tiny_clip):
+    """Saved statistics give the FID torchmetrics computes from the images themselves, zero
+    against the same set, and a width mismatch is refused in one line."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    torch.manual_seed(0)
+    real, fake = torch.rand(12, 3, 32, 32), torch.rand(12, 3, 32, 32) * 0.5
+    feature = ClipImageFeatures(tiny_clip)
+    path = save_reference_statistics(real, feature, tmp_path / "real.npz")
+    mu, sigma = reference_statistics(path, feature.num_features)
+    fake_features = extract(fake, feature)
+    oracle = FrechetInceptionDistance(feature=Passthrough(feature.num_features))
+    oracle.update(extract(real, feature), real=True)
+    oracle.update(fake_features, real=False)
+    assert frechet_distance(mu, sigma, fake_features) == pytest.approx(float(oracle.compute()),
+                                                                        rel=1e-6)
+    assert frechet_distance(mu, sigma, extract(real, feature)) == pytest.approx(0, abs=1e-6)
+    with pytest.raises(UserError, match=r"holds mu \(\d+,\) .* 7 wide"):
+        reference_statistics(path, 7)
+
+
+class Passthrough(torch.nn.Module):
+    """Features given to torchmetrics' FID as they are."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features

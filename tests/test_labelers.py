@@ -72,24 +72,31 @@ def test_fairface_loads_both_checkpoint_formats(fairface_checkpoint):
         load_fairface("/nope.pt")
 
 
-def test_fairface_maps_head_probabilities_to_classes_and_no_face_is_undecided(
+def test_fairface_averages_every_face_of_an_image_and_no_face_is_undecided(
         fairface_checkpoint, monkeypatch):
     path, _, model = fairface_checkpoint
     labeler = FairFaceLabeler(concept("race"), str(path), min_confidence=0.0, device="cpu")
-    face = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 96, 3), np.uint8))
-    # OpenCV finds faces in real photos; here the crop is pinned to check the head arithmetic.
-    found = {id(face)}
-    crop = face.crop((25, 25, 55, 55)).resize((224, 224))
-    monkeypatch.setattr(labeler, "face_crop", lambda im: crop if id(im) in found else None)
-    labels = labeler([face, blank()])
+    rng = np.random.default_rng(0)
+    crowd, face = (Image.fromarray(rng.integers(0, 255, (96, 96, 3), np.uint8)) for _ in "ab")
+    # OpenCV finds faces in real photos; here the crops are pinned to check the arithmetic.
+    crops = {id(crowd): [crowd.crop((0, 0, 40, 40)).resize((224, 224)),
+                         crowd.crop((50, 50, 90, 90)).resize((224, 224))],
+             id(face): [face.crop((25, 25, 55, 55)).resize((224, 224))]}
+    monkeypatch.setattr(labeler, "face_crops", lambda im: crops.get(id(im), []))
+    labels = labeler([crowd, blank(), face])
     assert labels.labels[1] == UNDECIDED and np.isnan(labels.probs[1]).all()
+    assert labels.weights.tolist() == [2, 0, 1]  # faces per image: the soft-frequency weights
 
-    x = normalize(to_tensor(crop), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])[None]
-    race = torch.softmax(model.eval()(x)[0, :7], dim=0).detach().numpy()
-    names = FAIRFACE_LABELS[:7]
-    expected = [race[[names.index(n) for n in labels_]].sum()
-                for labels_ in concept("race").fairface_labels.values()]
-    np.testing.assert_allclose(labels.probs[0], expected, atol=1e-5)
+    def expected(crop):
+        x = normalize(to_tensor(crop), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])[None]
+        race = torch.softmax(model.eval()(x)[0, :7], dim=0).detach().numpy()
+        names = FAIRFACE_LABELS[:7]
+        return np.array([race[[names.index(n) for n in labels_]].sum()
+                         for labels_ in concept("race").fairface_labels.values()])
+
+    np.testing.assert_allclose(labels.probs[2], expected(crops[id(face)][0]), atol=1e-5)
+    both = (expected(crops[id(crowd)][0]) + expected(crops[id(crowd)][1])) / 2
+    np.testing.assert_allclose(labels.probs[0], both, atol=1e-5)  # the mean over its faces
     assert labels.probs[0].sum() == pytest.approx(1.0, abs=1e-5)
 
 
@@ -97,7 +104,7 @@ def test_fairface_real_detector_finds_no_face_in_a_plain_image(fairface_checkpoi
     cfg = make_config("concept=gender", "labeler=fairface",
                       f"labeler.checkpoint={fairface_checkpoint[0]}")
     labeler = instantiate(cfg.labeler)(concept=concept("gender"))  # as the run builds it
-    assert labeler.face_crop(Image.new("RGB", (128, 128), (200, 180, 160))) is None
+    assert labeler.face_crops(Image.new("RGB", (128, 128), (200, 180, 160))) == []
     assert labeler([Image.new("RGB", (128, 128), (200, 180, 160))]).labels == [UNDECIDED]
 
 
@@ -106,15 +113,18 @@ def test_fairface_refuses_concepts_without_fairface_labels(fairface_checkpoint):
         FairFaceLabeler(concept("color"), str(fairface_checkpoint[0]), 0.5, "cpu")
 
 
-def test_fairface_crop_is_the_largest_face_grown_by_the_margin(fairface_checkpoint):
+def test_fairface_crops_every_face_grown_by_the_margin(fairface_checkpoint):
     labeler = FairFaceLabeler(concept("gender"), str(fairface_checkpoint[0]), 0.5, "cpu",
                               margin=0.25)
 
-    class Detector:  # two faces found: the crop takes the larger one
+    class Detector:  # two faces found: both are cropped, the larger first
         def detectMultiScale(self, gray, **kwargs):  # noqa: N802 (OpenCV's name)
             return np.array([[0, 0, 10, 10], [40, 40, 40, 40]])
 
     labeler._detector = Detector()
     image = Image.fromarray(np.arange(128 * 128 * 3, dtype=np.uint8).reshape(128, 128, 3))
-    expected = image.crop((30, 30, 90, 90)).resize((224, 224))  # 40 px face + 10 px per side
-    assert np.array_equal(np.asarray(labeler.face_crop(image)), np.asarray(expected))
+    large = image.crop((30, 30, 90, 90)).resize((224, 224))  # 40 px face + 10 px per side
+    small = image.crop((0, 0, 12, 12)).resize((224, 224))  # clipped at the image's corner
+    crops = labeler.face_crops(image)
+    assert [np.asarray(c).tolist() for c in crops] == [np.asarray(large).tolist(),
+                                                       np.asarray(small).tolist()]

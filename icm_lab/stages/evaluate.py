@@ -1,7 +1,7 @@
 """Evaluate: fairness, quality and alignment of base and steered images.
 
 Writes `<run>/metrics.json` (every key is defined in docs/metrics.md): the settings its numbers
-depend on (model, concept, method, layers, alpha, step_window, direction, halves, renorm,
+depend on (model, concept, method, layers, alpha, step_window, direction, units, halves, renorm,
 probe_set, sampler, classes, target, seed, labeler, features, kid_subsets, denoiser_calls) and
 a `base` and a `steered` section:
 
@@ -30,9 +30,12 @@ from icm_lab.files import write_json, write_table
 from icm_lab.metrics import (
     FEATURES,
     clip_score,
+    extract,
     fairness_by_prompt,
     fid_kid,
+    frechet_distance,
     kid_subset,
+    reference_statistics,
 )
 from icm_lab.models.clip import Clip, open_image
 from icm_lab.resources import Resources
@@ -58,8 +61,8 @@ def evaluate(res: Resources, cfg: EvalConfig, steered: SteerResult, seed: int,
         clip_scores(res.clip, table, base_paths, steered_paths)
         bar.update()
         bar.set_postfix_str("FID and KID")
-        base = fairness_by_prompt(table, "base_label", "base_p_", classes, target)
-        after = fairness_by_prompt(table, "label", "p_", classes, target)
+        base = fairness_by_prompt(table, "base_label", "base_p_", classes, target, "base_weight")
+        after = fairness_by_prompt(table, "label", "p_", classes, target, "weight")
         base["clip_t"] = float(table["base_clip_t"].mean())
         after |= {"clip_t": float(table["clip_t"].mean()),
                   "clip_i": float(table["clip_i"].mean())}
@@ -100,7 +103,8 @@ def settings(res: Resources, cfg: EvalConfig, plan: SteerPlan, n_images: int, se
         "model": res.model.name, "concept": res.concept.name, "method": plan.method,
         "layers": plan.layers, "alpha": plan.alpha,
         "step_window": {"first": plan.start, "last": plan.end - 1} if hooked else None,
-        "direction": plan.direction, "halves": plan.halves if hooked else None,
+        "direction": plan.direction, "units": plan.units,
+        "halves": plan.halves if hooked else None,
         "renorm": plan.renorm if hooked else None, "probe_set": plan.probe_set,
         "sampler": {key: plan.model[key] for key in SAMPLER},
         "seed": seed, "labeler": res.labeler_description(),
@@ -137,17 +141,30 @@ def write_results(res: Resources, table: pd.DataFrame, metrics: dict) -> Path:
 
 def quality(res: Resources, cfg: EvalConfig, base_images: Sequence, steered_images: Sequence,
             seed: int) -> dict:
-    """FID/KID of the steered images against the base images, and against a reference folder
-    (resized to the steered images' size)."""
+    """FID/KID of the steered images against the base images, against a reference folder
+    (resized to the steered images' size) and FID against reference statistics."""
     feature = FEATURES[cfg.features](res.clip)
     options = {"subset_size": cfg.kid_subset_size, "subsets": cfg.kid_subsets, "seed": seed}
-    scores = fid_kid(base_images, steered_images, feature, paired=True, **options)
+    steered = extract(steered_images, feature)  # once, for every comparison
+    scores = fid_kid(base_images, steered, feature, paired=True, **options)
     if cfg.reference_dir:
-        paths = sorted(p for p in Path(cfg.reference_dir).iterdir()
-                       if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-        if not paths:
-            raise UserError(f"eval.reference_dir={cfg.reference_dir} holds no .png/.jpg images")
+        paths = image_files(cfg.reference_dir, "eval.reference_dir")
         width, height = open_image(steered_images[0]).size
-        against = fid_kid(paths, steered_images, feature, real_size=(height, width), **options)
+        against = fid_kid(paths, steered, feature, real_size=(height, width), **options)
         scores |= {f"{key}_reference": value for key, value in against.items()}
+    if cfg.reference_stats:
+        mu, sigma = reference_statistics(cfg.reference_stats, steered.shape[1])
+        scores["fid_reference_stats"] = frechet_distance(mu, sigma, steered)
     return scores
+
+
+def image_files(folder: str | Path, name: str = "the folder") -> list[Path]:
+    if not Path(folder).is_dir():
+        raise UserError(f"{name} {str(folder)!r} is not a folder of images")
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise UserError(f"{name} {str(folder)!r} holds no .png/.jpg images")
+    return paths
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

@@ -31,7 +31,7 @@ from icm_lab.sampling import eval_plan, labelled_table, save_images
 from icm_lab.schema import SteerConfig
 from icm_lab.selection import step_window
 from icm_lab.stages.localize import Localization
-from icm_lab.steering import UNTOUCHED, LayerEdit, SteerPlan, assign_targets
+from icm_lab.steering import UNTOUCHED, SteerPlan, assign_targets
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +125,12 @@ def make_plan(res: Resources, cfg: SteerConfig, method: SteeringMethod, seed: in
         probe_set = probes.meta["provenance"]["fingerprint"]
         layers = method.layers(localization.selected, res.registry, res.adapter)
         for index, layer in enumerate(layers):
-            directions = method.directions(layer, probes, cfg.direction, n_steps,
-                                           len(concept.classes), seed, index)
-            if directions.shape[0] != n_steps:
-                raise ValueError(f"probes at {probes.root} have {directions.shape[0]} steps "
+            edit = method.edit(layer, probes, cfg.direction, cfg.units, n_steps,
+                               len(concept.classes), seed, index)
+            if {edit.directions.shape[0], edit.scale.shape[0]} != {n_steps}:
+                raise ValueError(f"probes at {probes.root} have {edit.scale.shape[0]} steps "
                                  f"but the model runs {n_steps}")
-            edits.append(LayerEdit(layer.name, directions))
+            edits.append(edit)
     words = [concept.word(k) for k in concept.classes]
     prompts = [p if t == UNTOUCHED else method.prompt(p, words[t])
                for p, t in zip(plan["prompt"], targets, strict=True)]
@@ -142,7 +142,7 @@ def make_plan(res: Resources, cfg: SteerConfig, method: SteeringMethod, seed: in
         probe_set=probe_set,
         classes=list(concept.classes), prompts=prompts,
         seeds=[int(s) for s in plan["seed"]], targets=[int(t) for t in targets],
-        model=asdict(res.model), edits=edits)
+        model=asdict(res.model), units=cfg.units if hooked else None, edits=edits)
 
 
 def plan_targets(classes: tuple[str, ...], target: np.ndarray, policy: str, seed: int,
@@ -167,8 +167,9 @@ def result_table(res: Resources, plan: pd.DataFrame, base: pd.DataFrame, targets
     )
     for name in classes:
         table[f"base_p_{name}"] = base[f"p_{name}"].to_numpy()
+    table["base_weight"] = base["weight"].to_numpy()
     if images is None:  # method=none: the steered images are the base images
-        steered = base[["label", "image", *[f"p_{name}" for name in classes]]]
+        steered = base[["label", "image", *[f"p_{name}" for name in classes], "weight"]]
         return pd.concat([table, steered.reset_index(drop=True)], axis=1).assign(
             image_root="base")
     paths = save_images(images, plan["index"], out / "images", out)
