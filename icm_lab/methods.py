@@ -5,7 +5,8 @@ writes to, which directions it adds there, and which prompts it generates from.
     attn2       the cross-attention layers of the selected blocks: self vs cross
     all_layers  every attn1 and attn2 layer
     hspace      the U-Net bottleneck (h-space)
-    random      the selected layers, random unit directions: the control
+    random      the selected layers, one random direction per layer and class, with ICM's
+                norm at each step: the control
     prompt      no hooks; the target class's word appended to the prompt
     none        nothing: the steered images are the base images
 """
@@ -19,6 +20,7 @@ import torch
 from icm_lab.models.adapters import ModelAdapter
 from icm_lab.models.layers import LayerInfo, LayerRegistry
 from icm_lab.probeset import ProbeSet
+from icm_lab.steering import LayerEdit, calibrated_edit, calibrated_scale
 
 
 class SteeringMethod:
@@ -31,10 +33,12 @@ class SteeringMethod:
         """The layers written to, given the `layers=` selection."""
         return list(chosen)
 
-    def directions(self, layer: LayerInfo, probes: ProbeSet, source: str, n_steps: int,
-                   n_classes: int, seed: int, index: int) -> torch.Tensor:
-        """`[steps, classes, width]` unit directions for one steered layer."""
-        return probes.directions(layer.name, source)
+    def edit(self, layer: LayerInfo, probes: ProbeSet, source: str, units: str, n_steps: int,
+             n_classes: int, seed: int, index: int) -> LayerEdit:
+        """What one steered layer (the `index`-th) gets: `[steps, classes, width]` unit
+        directions and their scale in `units`; by default the layer's own probe directions
+        from `source`, with their own sigma."""
+        return calibrated_edit(probes, layer.name, source, units)
 
     def prompt(self, prompt: str, class_word: str) -> str:
         """The prompt a sample steered toward the class of `class_word` is generated from."""
@@ -74,17 +78,21 @@ class HSpace(SteeringMethod):
 
 
 class RandomDirections(SteeringMethod):
-    """The control: the same layers and strength as ICM, random unit directions (seeded)."""
+    """The control: ICM's layers and the norm of ICM's vector at each layer, step and class,
+    along one random unit direction per layer and class (seeded by the run's seed and the
+    layer's index), the same at every step: it differs from ICM only in direction."""
 
     name = "random"
 
     def source(self, configured):
         return "random"
 
-    def directions(self, layer, probes, source, n_steps, n_classes, seed, index):
+    def edit(self, layer, probes, source, units, n_steps, n_classes, seed, index):
         g = torch.Generator().manual_seed(seed * 1000 + index)
-        return torch.nn.functional.normalize(
-            torch.randn(n_steps, n_classes, layer.width, generator=g), dim=-1)
+        drawn = torch.nn.functional.normalize(
+            torch.randn(n_classes, layer.width, generator=g), dim=-1)
+        return LayerEdit(layer.name, drawn.expand(n_steps, -1, -1).clone(),
+                         calibrated_scale(probes, layer.name, source, units))
 
 
 class PromptSuffix(SteeringMethod):

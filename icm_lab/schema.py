@@ -21,6 +21,7 @@ from icm_lab.errors import ConfigError, choices_error
 
 STAGES = ("collect", "localize", "steer", "evaluate")  # in data-flow order
 LAYER_KINDS = ("attn1", "attn2", "bottleneck")
+STEER_UNITS = ("raw", "sigma")  # steer.units: what alpha counts (steering.calibrated_scale)
 
 
 def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
@@ -85,6 +86,7 @@ class SteerConfig:
     halves: str = "cond"
     renorm: bool = False
     direction: str = "mean_diff"
+    units: str = "raw"  # raw: alpha itself; sigma: alpha standard deviations
     policy: str = "all"
     probes: str | None = None
 
@@ -99,6 +101,7 @@ class SteerConfig:
                               f"{self.end} (null: 1.0)")
         _choice("steer.halves", self.halves, ("cond", "both"))
         _choice("steer.direction", self.direction, ("probe", "mean_diff"))
+        _choice("steer.units", self.units, STEER_UNITS)
         _choice("steer.policy", self.policy, ("all", "minimal", "paper_batch"))
 
 

@@ -1,9 +1,14 @@
 """Steering plans: which sample goes to which class, and the interventions that take it there.
 
 A `SteerPlan` is the whole of a steered generation as data: the model, prompts, seeds, per-sample
-targets, strength, step window and, per layer, the unit directions (by reference into a
-safetensors file). `<run>/steer/plan.json` + `plan.safetensors` hold it, and
+targets, strength, step window and, per layer, the unit directions and their scale (by reference
+into a safetensors file). `<run>/steer/plan.json` + `plan.safetensors` hold it, and
 `python -m icm_lab replay <run>/steer/plan.json` regenerates the run's steered images from it.
+
+The vector added at a layer and step for class k is alpha * scale[step, k] * direction[step, k]:
+`steer.units=raw` makes the scale 1 (the paper's alpha), `sigma` the spread of the collected
+activations along that direction (`ProbeSet.sigmas`), so that one alpha is the same push at any
+layer (`calibrated_edit`).
 
 Target assignment is exact, not random per batch: within each prompt the counts of every class
 match the target distribution by the largest-remainder rule, and which sample gets which target
@@ -18,7 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +32,10 @@ from safetensors.torch import load_file, save_file
 from icm_lab.errors import UserError, choices_error
 from icm_lab.files import atomic, write_json
 from icm_lab.hooks import AddVector
+from icm_lab.schema import STEER_UNITS
+
+if TYPE_CHECKING:
+    from icm_lab.probeset import ProbeSet
 
 POLICIES = ("all", "minimal", "paper_batch")
 UNTOUCHED = -1
@@ -84,10 +93,37 @@ def paper_batch_targets(n: int, target: np.ndarray, seed: int,
 
 @dataclass
 class LayerEdit:
-    """Unit directions `[steps, classes, width]` added to one layer's output."""
+    """Unit directions `[steps, classes, width]` added to one layer's output, each times alpha
+    and its `scale` `[steps, classes]` (None: 1, alpha in raw units)."""
 
     layer: str
     directions: torch.Tensor
+    scale: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.scale is None:
+            self.scale = torch.ones(self.directions.shape[:2])
+
+    def vectors(self, alpha: float) -> torch.Tensor:
+        """`[steps, classes, width]`: what is added for each class at each step."""
+        return self.directions * (alpha * self.scale)[..., None]
+
+
+def calibrated_scale(probes: ProbeSet, layer: str, source: str, units: str) -> torch.Tensor:
+    """`[steps, classes]`, what alpha is multiplied by at `layer` along the `source` directions:
+    1 (`raw`) or their sigma (`sigma`: alpha counts standard deviations of the collected
+    activations along the direction)."""
+    if units not in STEER_UNITS:
+        raise choices_error("steer.units", units, STEER_UNITS)
+    sigma = probes.sigmas(layer, source)
+    return sigma if units == "sigma" else torch.ones_like(sigma)
+
+
+def calibrated_edit(probes: ProbeSet, layer: str, source: str, units: str) -> LayerEdit:
+    """One layer's probe directions (`probe` or `mean_diff`) with their scale in `units`: the
+    edit of every method that steers along probe directions, one layer alone or several."""
+    return LayerEdit(layer, probes.directions(layer, source),
+                     calibrated_scale(probes, layer, source, units))
 
 
 @dataclass
@@ -105,6 +141,7 @@ class SteerPlan:
     seeds: list[int]
     targets: list[int]  # class index per sample, UNTOUCHED (-1) for samples left alone
     model: dict[str, Any]  # the ModelSpec fields the images were generated with
+    units: str | None = None  # raw or sigma (see LayerEdit.scale); None: no vector added
     edits: list[LayerEdit] = field(default_factory=list)
 
     @property
@@ -112,27 +149,28 @@ class SteerPlan:
         return [edit.layer for edit in self.edits]
 
     def interventions(self) -> list[AddVector]:
-        """One AddVector per layer: alpha times the direction of each sample's target class at
-        each step, zero for untouched samples (which then stay bit-identical to their base)."""
+        """One AddVector per layer: alpha times the scaled direction of each sample's target
+        class at each step, zero for untouched samples (which then stay bit-identical to their
+        base)."""
         targets = torch.as_tensor(self.targets)
         steered = targets != UNTOUCHED
         classes = torch.where(steered, targets, 0)
         result = []
         for edit in self.edits:
-            vectors = edit.directions[:, classes].transpose(0, 1) * self.alpha  # [B, S, W]
+            vectors = edit.vectors(self.alpha)[:, classes].transpose(0, 1)  # [B, S, W]
             vectors[~steered] = 0
             result.append(AddVector(edit.layer, vectors.float(), start=self.start, end=self.end,
                                     halves=self.halves, renorm=self.renorm))
         return result
 
     def save(self, directory: Path) -> Path:
-        """`plan.json` (directions by key into `plan.safetensors`), written last."""
+        """`plan.json` (directions and scales by key into `plan.safetensors`), written last."""
         directory.mkdir(parents=True, exist_ok=True)
         data = {k: v for k, v in asdict(self).items() if k != "edits"}
-        data["edits"] = [{"layer": e.layer, "directions": f"{i}/directions"}
+        data["edits"] = [{"layer": e.layer, "directions": f"{i}/directions", "scale": f"{i}/scale"}
                          for i, e in enumerate(self.edits)]
-        tensors = {f"{i}/directions": e.directions.detach().float().contiguous()
-                   for i, e in enumerate(self.edits)}
+        tensors = {f"{i}/{name}": getattr(e, name).detach().float().contiguous()
+                   for i, e in enumerate(self.edits) for name in ("directions", "scale")}
         with atomic(directory / "plan.safetensors") as tmp:
             save_file(tensors, tmp)
         write_json(directory / "plan.json", data)
@@ -146,5 +184,6 @@ class SteerPlan:
                             "pass <run>/steer/plan.json of a run that steered")
         data = json.loads(path.read_text())
         tensors = load_file(path.parent / "plan.safetensors")
-        edits = [LayerEdit(e["layer"], tensors[e["directions"]]) for e in data.pop("edits")]
+        edits = [LayerEdit(e["layer"], tensors[e["directions"]], tensors.get(e.get("scale")))
+                 for e in data.pop("edits")]  # a plan older than units: no scale, raw alpha
         return cls(**data, edits=edits)

@@ -47,8 +47,8 @@ def test_paper_experiment_pins_the_protocol(name):
     # steering
     assert cfg.method._target_ == "icm_lab.methods.Icm"
     s = cfg.steer
-    assert (s.alpha, s.start, s.end, s.halves, s.direction, s.policy) == (
-        15.0, 0.3, None, "cond", "probe", "paper_batch")
+    assert (s.alpha, s.start, s.end, s.halves, s.direction, s.units, s.policy) == (
+        15.0, 0.3, None, "cond", "probe", "raw", "paper_batch")
     window = step_window(s.start, s.end, m.steps)
     assert (window.start, window.stop) == ((15, 50) if m.steps == 50 else (6, 20))
     if m.name == "sd15":

@@ -212,14 +212,18 @@ def test_nan_alpha_fails_before_generating(localized, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_saved_plan_replays_the_steered_images_bit_for_bit(localized):
+@pytest.mark.parametrize("method,units", [("icm", "raw"), ("random", "sigma")])
+def test_the_saved_plan_replays_the_steered_images_bit_for_bit(localized, method, units):
     root, probes = localized
-    result = steer_run(root, "replay")
+    result = steer_run(root, f"replay_{method}", f"method={method}", f"steer.units={units}")
     plan = SteerPlan.load(result.steered_root / "plan.json")
-    assert plan.method == "icm" and plan.layers == result.plan.layers
+    assert plan.method == method and plan.layers == result.plan.layers
+    assert plan.units == units
     assert plan.probe_set == probes.meta["provenance"]["fingerprint"]
     for saved, made in zip(plan.edits, result.plan.edits, strict=True):
         assert torch.equal(saved.directions, made.directions)
+        assert torch.equal(saved.scale, made.scale)
+        assert torch.equal(saved.scale, torch.ones_like(saved.scale)) == (units == "raw")
     images = regenerate(plan)
     for index, image in enumerate(images):
         original = Image.open(result.steered_root / "images" / f"{index:06d}.png")
