@@ -31,13 +31,19 @@ bench: $(INSTALLED)
 lint: $(INSTALLED)
 	$(PY) -m ruff check icm_lab tests
 
-# Paper-style tables from outputs/: first the runs they need for MODEL (the method comparison and
-# an alpha sweep), unless a completed sweep is already on disk.
-TABLE_RUNS := outputs/multirun/tables-$(MODEL)
+# Paper-style tables from outputs/: first the runs they need (the method comparison and an alpha
+# sweep) for MODEL and CONCEPT, or for EXPERIMENT (e.g. paper_sd15_gender, which sets both),
+# unless that sweep is already complete on disk; then the tables of every run under outputs/.
+#   make tables                              the toy world (model toy, its default concept)
+#   make tables MODEL=sd15 CONCEPT=gender    make tables EXPERIMENT=paper_sd15_gender
+CONCEPT ?=
+EXPERIMENT ?=
+TABLE_SET := $(if $(EXPERIMENT),experiment=$(EXPERIMENT),model=$(MODEL)$(if $(CONCEPT), concept=$(CONCEPT)))
+TABLE_RUNS := outputs/multirun/tables-$(if $(EXPERIMENT),$(EXPERIMENT),$(MODEL)-$(or $(CONCEPT),default))
 tables: $(INSTALLED)
-	@test -f $(TABLE_RUNS)/methods/.done || ($(PY) -m icm_lab -m model=$(MODEL) +sweep=methods \
+	@test -f $(TABLE_RUNS)/methods/.done || ($(PY) -m icm_lab -m $(TABLE_SET) +sweep=methods \
 		hydra.sweep.dir=$(TABLE_RUNS)/methods && touch $(TABLE_RUNS)/methods/.done)
-	@test -f $(TABLE_RUNS)/alpha/.done || ($(PY) -m icm_lab -m model=$(MODEL) method=icm \
+	@test -f $(TABLE_RUNS)/alpha/.done || ($(PY) -m icm_lab -m $(TABLE_SET) method=icm \
 		steer.alpha=0,5,15,30 hydra.sweep.dir=$(TABLE_RUNS)/alpha && touch $(TABLE_RUNS)/alpha/.done)
 	$(PY) -m icm_lab.tables
 

@@ -7,9 +7,14 @@ a `metrics.json` or a `localize` link) and writes, as Markdown, LaTeX (booktabs)
 the same column names in all three (`COLUMNS`):
 - `localization`: per probe set (model, concept, probe backend, fingerprint) and layer kind,
   the best and mean separability (balanced accuracy) and the top layers by mean over steps;
-- `debiasing`: method x concept, FD, FD_soft, FID, KID (lower is better), CLIP-T, CLIP-I
-  (higher is better), averaged over runs with the same settings;
-- `alpha_sweep`: FD against CLIP-I for each steering strength;
+- `debiasing`: a row per group of runs with the same settings: model, concept, method, alpha
+  and every other setting that differs between the runs read (named as columns, e.g.
+  `labeler`, `probe.name`, `layers`, `steps`); FD, FD pooled, FD_soft, KL, deviation, the
+  undecided share, FID, KID (lower is better), CLIP-T, CLIP-I (higher is better) as mean ± std
+  over seeds; identical reruns (same settings and seed) count once. The caption names the
+  labeler and the settings all runs share;
+- `comparison`: the paper's layout: method rows, FD, FID, CLIP-T, CLIP-I per concept;
+- `alpha_sweep`: ICM's FD and CLIP-I for each steering strength;
 and `fd_vs_clip_i.png`, FD against CLIP-I across alpha. Metrics: docs/metrics.md.
 """
 
@@ -25,6 +30,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from icm_lab.files import write_figure, write_table, write_text  # noqa: E402
 from icm_lab.models.adapters import short_name, short_name_key  # noqa: E402
@@ -32,33 +38,117 @@ from icm_lab.models.adapters import short_name, short_name_key  # noqa: E402
 # The one name of each column, in every table and format (↓: lower is better, ↑: higher).
 COLUMNS = {
     "model": "model", "concept": "concept", "method": "method", "alpha": "alpha",
-    "layers": "layers", "runs": "runs", "probe": "probe", "probe_set": "probe set",
+    "layers": "layers", "steered_layers": "steered layers (per seed)", "seeds": "seeds",
+    "probe": "probe", "probe_set": "probe set",
     "kind": "kind", "best": "best bal. acc. ↑", "mean": "mean bal. acc. ↑",
     "top_layers": "top layers (mean bal. acc.)", "base_fd": "base FD",
-    "fd": "FD ↓", "fd_pooled": "FD pooled ↓", "fd_soft": "FD_soft ↓", "fid": "FID ↓",
-    "kid": "KID ↓",
+    "fd": "FD ↓", "fd_pooled": "FD pooled ↓", "fd_soft": "FD_soft ↓", "kl": "KL ↓",
+    "deviation": "deviation ↓", "undecided": "undecided", "fid": "FID ↓", "kid": "KID ↓",
     "clip_t": "CLIP-T ↑", "clip_i": "CLIP-I ↑",
 }
-DEBIAS_METRICS = ["fd", "fd_pooled", "fd_soft", "fid", "kid", "clip_t", "clip_i"]
+DEBIAS_METRICS = ["fd", "fd_pooled", "fd_soft", "kl", "deviation", "undecided", "fid", "kid",
+                  "clip_t", "clip_i"]
+PAPER_METRICS = ["fd", "fid", "clip_t", "clip_i"]  # the paper's comparison table, per attribute
 LAYER_KEY = short_name_key()
+# Settings read from each run's config.yaml beyond what metrics.json records: the ones that
+# change the numbers (the probe, the collection, the split, the selection, the policy).
+CONFIG_SETTINGS = ("probe.name", "probe.C", "probe.tol", "collect.n_images", "localize.split",
+                   "localize.test_size", "localize.folds", "layers.rank_by", "steer.policy",
+                   "steer.units", "eval.n_images_per_prompt", "eval.features")
+LEADING = ["model", "concept", "method", "alpha"]  # always shown, in this order
+REPLICATE = "seed"  # runs that differ only in the seed are repeats: mean ± std over them
 
 
 def run_metrics(root: Path) -> pd.DataFrame:
-    """One row per run with a metrics.json: its settings and steered metrics."""
-    rows = []
-    for path in sorted(root.rglob("metrics.json")):
-        metrics = json.loads(path.read_text())
-        steered = metrics["steered"]
-        rows.append({
-            "run": str(path.parent), "model": metrics["model"], "concept": metrics["concept"],
-            "method": metrics["method"],
-            "alpha": float("nan") if metrics["alpha"] is None else metrics["alpha"],
-            "layers": ", ".join(short_name(n) for n in metrics["layers"]) or "-",
-            "base_fd": metrics["base"]["fd"],
-            **{key: steered.get(key, float("nan")) for key in DEBIAS_METRICS},
-            "n_images": steered["n_images"], "n_undecided": steered["n_undecided"],
-        })
-    return pd.DataFrame(rows)
+    """One row per run with a metrics.json: every setting its numbers depend on (metrics.json's
+    and CONFIG_SETTINGS from its config.yaml), as text, and the steered metrics. Of identical
+    reruns (same settings and seed) only the newest is kept: they are one measurement."""
+    rows = [_run_row(path) for path in sorted(root.rglob("metrics.json"))]
+    if not rows:
+        return pd.DataFrame()
+    runs = pd.DataFrame(rows).sort_values("mtime")
+    return runs.drop_duplicates([*setting_columns(runs), REPLICATE],
+                                keep="last").reset_index(drop=True)
+
+
+def setting_columns(runs: pd.DataFrame) -> list[str]:
+    return [c for c in runs.columns if c not in {*DEBIAS_METRICS, *OUTCOMES, "run", "mtime"}]
+
+
+# Per run, not settings: the metrics' base FD, the seed and what followed from it.
+OUTCOMES = ("base_fd", REPLICATE, "steered_layers")
+
+
+def _run_row(path: Path) -> dict:
+    metrics = json.loads(path.read_text())
+    steered = metrics["steered"]
+    row = {"run": str(path.parent), "mtime": path.stat().st_mtime,
+           "model": metrics["model"], "concept": metrics["concept"], "method": metrics["method"],
+           "alpha": float("nan") if metrics.get("alpha") is None else float(metrics["alpha"]),
+           REPLICATE: metrics.get("seed", 0), **_recorded_settings(metrics),
+           **_layers(metrics, path.parent / "config.yaml"),
+           **_config_settings(path.parent / "config.yaml"),
+           "base_fd": metrics["base"]["fd"],
+           **{key: float(steered.get(key, float("nan"))) for key in DEBIAS_METRICS}}
+    if "n_images" in steered:
+        row["undecided"] = steered["n_undecided"] / steered["n_images"]
+    return row
+
+
+def _recorded_settings(metrics: dict) -> dict[str, str]:
+    """metrics.json's other settings as short text: "-" where a method adds no vector."""
+    window = metrics.get("step_window")
+    labeler = metrics.get("labeler") or {}
+    options = {k: v for k, v in labeler.items() if k not in ("name", "texts")}
+    return {
+        "steps": f"{window['first']}-{window['last']}" if window else "-",
+        "direction": metrics.get("direction") or "-",
+        "halves": metrics.get("halves") or "-",
+        "renorm": str(metrics.get("renorm", "-")),
+        "sampler": " ".join(f"{v}" for v in (metrics.get("sampler") or {}).values()) or "-",
+        "labeler": labeler.get("name", "-") + (f" ({_options(options)})" if options else ""),
+        "features": (metrics.get("features") or {}).get("name", "-"),
+    }
+
+
+def _layers(metrics: dict, config: Path) -> dict[str, str]:
+    """`layers`, the setting: the names given, or how `layers=auto` chose; `steered_layers`,
+    the outcome: the names, which with auto follow the seed (its probe split)."""
+    steered = ", ".join(short_name(n) for n in metrics.get("layers", [])) or "-"
+    cfg = OmegaConf.load(config) if config.exists() else None
+    if cfg is None or steered == "-" or OmegaConf.select(cfg, "layers.select") != "auto":
+        return {"layers": steered, "steered_layers": steered}
+    how = OmegaConf.select(cfg, "layers.rank_by", default="separability")
+    return {"layers": f"auto: top {cfg.layers.k} {cfg.layers.kind} by {how}",
+            "steered_layers": steered}
+
+
+def _options(options: dict) -> str:
+    return ", ".join(f"{k} {Path(v).name if isinstance(v, str) and '/' in v else v}"
+                     for k, v in options.items())
+
+
+def _config_settings(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    cfg = OmegaConf.load(path)
+    return {key: str(OmegaConf.select(cfg, key, default="-")) for key in CONFIG_SETTINGS}
+
+
+def varying_settings(runs: pd.DataFrame) -> list[str]:
+    """The setting columns with more than one value between the runs they apply to ("-": a
+    steering setting of a method that adds no vector): every one is a grouping key."""
+    return [c for c in setting_columns(runs) if c not in LEADING and len(_values(runs[c])) > 1]
+
+
+def constant_settings(runs: pd.DataFrame) -> dict[str, str]:
+    """The settings every run they apply to shares: said once, in the caption."""
+    return {c: _values(runs[c])[0] for c in setting_columns(runs)
+            if c not in LEADING and len(_values(runs[c])) == 1}
+
+
+def _values(column: pd.Series) -> list[str]:
+    return sorted(set(column.astype(str)) - {"-", "nan"})
 
 
 def localization_table(root: Path) -> pd.DataFrame:
@@ -89,26 +179,88 @@ def localization_table(root: Path) -> pd.DataFrame:
 
 
 def debiasing_table(runs: pd.DataFrame) -> pd.DataFrame:
-    keys = ["model", "concept", "method", "alpha"]  # alpha is NaN for prompt and none
-    table = runs.groupby(keys, sort=True, dropna=False)[["base_fd", *DEBIAS_METRICS]].mean()
-    table["runs"] = runs.groupby(keys, dropna=False).size()
+    """Per setting group (LEADING and every varying setting): the mean of each metric over
+    seeds (`<metric>`), its standard deviation (`<metric>_std`, NaN for one seed), `seeds`."""
+    keys = [*LEADING, *varying_settings(runs)]
+    grouped = runs.groupby(keys, sort=True, dropna=False)
+    table = grouped[["base_fd", *DEBIAS_METRICS]].mean()
+    spread = grouped[DEBIAS_METRICS].std(ddof=1).add_suffix("_std")
+    table = table.join(spread)
+    table["seeds"] = grouped[REPLICATE].nunique()
+    if runs["layers"].str.startswith("auto").any():  # which layers auto chose, per seed
+        table["steered_layers"] = grouped["steered_layers"].agg(
+            lambda names: " / ".join(sorted(set(names))))
     return table.reset_index()
 
 
-def alpha_sweep_table(runs: pd.DataFrame) -> pd.DataFrame:
-    steered = runs[runs["method"] == "icm"]
-    keys = ["model", "concept", "layers", "alpha"]
-    return steered.groupby(keys, sort=True)[["fd", "clip_i"]].mean().reset_index()
+def comparison_table(debias: pd.DataFrame) -> pd.DataFrame:
+    """The paper's layout: a row per method (and per other varying setting), FD, FID, CLIP-T
+    and CLIP-I per concept side by side. Layers and probe sets follow the concept (each has
+    its own localization), so they key rows only when one concept has several."""
+    settings = [c for c in debias.columns if c not in {"concept", "base_fd", "seeds",
+                                                        "steered_layers"}
+                and c not in DEBIAS_METRICS and not c.endswith("_std")]
+    rows = [c for c in settings if c != "layers"]
+    if debias.duplicated([*rows, "concept"]).any():
+        rows = settings
+    values = [*PAPER_METRICS, *(f"{m}_std" for m in PAPER_METRICS)]
+    wide = debias.set_index([*rows, "concept"])[values].unstack("concept")  # rows are unique
+    wide.columns = [f"{concept}|{metric}" for metric, concept in wide.columns]
+    order = [f"{c}|{m}" for c in sorted(debias["concept"].unique())
+             for m in values if f"{c}|{m}" in wide.columns]
+    return wide[order].reset_index()
 
 
-def write_formats(table: pd.DataFrame, out: Path, name: str) -> None:
-    """`name`.csv, .md and .tex, all with the column names of COLUMNS; the key to the short
-    layer names below the Markdown and LaTeX tables that show them."""
-    shown = table.rename(columns=COLUMNS)
+def alpha_sweep_table(debias: pd.DataFrame) -> pd.DataFrame:
+    """ICM's FD and CLIP-I per strength, from the debiasing table's groups (never averaged
+    over other settings)."""
+    steered = debias[debias["method"] == "icm"]
+    keys = [c for c in steered.columns if c not in ("method", "base_fd", "seeds",
+                                                     "steered_layers")
+            and c not in DEBIAS_METRICS and not c.endswith("_std")]
+    return steered[[*keys, "fd", "fd_std", "clip_i", "clip_i_std", "seeds"]].reset_index(
+        drop=True)
+
+
+def write_formats(table: pd.DataFrame, out: Path, name: str, caption: str = "") -> None:
+    """`name`.csv (numbers: each mean and its ` std`), .md and .tex (mean ± std in one cell);
+    column names from COLUMNS; the caption and the key to the short layer names with them."""
     key = LAYER_KEY if {"layers", "top_layers"} & set(table.columns) else ""
-    write_table(shown, out / f"{name}.csv")
-    write_text(out / f"{name}.md", markdown(shown) + (f"\n\n{key}" if key else "") + "\n")
-    write_text(out / f"{name}.tex", latex(shown, key))
+    write_table(table.rename(columns=column_name), out / f"{name}.csv")
+    shown = displayed(table)
+    notes = "".join(f"\n\n{text}" for text in (f"Table: {caption}" if caption else "", key)
+                    if text)
+    write_text(out / f"{name}.md", markdown(shown) + notes + "\n")
+    write_text(out / f"{name}.tex", latex(shown, key, caption))
+
+
+def column_name(column: str) -> str:
+    """COLUMNS' name; `concept|metric` (the comparison table) and `metric_std` composed."""
+    concept, _, metric = column.rpartition("|")
+    std = metric.endswith("_std")
+    base = COLUMNS.get(metric.removesuffix("_std"), metric.removesuffix("_std"))
+    return f"{concept} {base}".strip() + (" std" if std else "")
+
+
+def displayed(table: pd.DataFrame) -> pd.DataFrame:
+    """Each metric with a `_std` column as "mean ± std" text (the mean alone for one seed);
+    every number rounded to 3 decimals, so no -0.000; columns named by `column_name`."""
+    shown = table.copy()
+    for column in [c for c in table.columns if f"{c}_std" in table.columns]:
+        shown[column] = [_mean_std(m, sd) for m, sd in zip(table[column], table[f"{column}_std"],
+                                                              strict=True)]
+        shown = shown.drop(columns=f"{column}_std")
+    for column in shown.columns:
+        if pd.api.types.is_float_dtype(shown[column]) and column != "alpha":
+            shown[column] = shown[column].round(3) + 0.0  # -0.0004 -> 0.0, not -0.000
+    return shown.rename(columns=column_name)
+
+
+def _mean_std(mean: float, std: float) -> str | float:
+    if pd.isna(mean):
+        return float("nan")
+    text = f"{round(mean, 3) + 0.0:.3f}"
+    return text if pd.isna(std) else f"{text} ± {round(std, 3) + 0.0:.3f}"
 
 
 def _float_format(column: str) -> str:
@@ -125,25 +277,33 @@ def markdown(table: pd.DataFrame) -> str:
 # What pdflatex cannot take as is: TeX's special characters and the arrows of COLUMNS.
 LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
                  "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
-                 "^": r"\textasciicircum{}", "↓": r"$\downarrow$", "↑": r"$\uparrow$"}
+                 "^": r"\textasciicircum{}", "↓": r"$\downarrow$", "↑": r"$\uparrow$",
+                 "±": r"$\pm$"}
 
 
 def latex_escape(text: str) -> str:
     return "".join(LATEX_ESCAPES.get(char, char) for char in text)
 
 
-def latex(table: pd.DataFrame, comment: str = "") -> str:
-    """A booktabs tabular (`\\usepackage{booktabs}`), every cell escaped; `comment` above it."""
-    align = "".join("r" if pd.api.types.is_numeric_dtype(table[c]) else "l" for c in table)
+def latex(table: pd.DataFrame, comment: str = "", caption: str = "") -> str:
+    """A booktabs tabular (`\\usepackage{booktabs}`), every cell escaped; `comment` above it;
+    with a caption, inside a `table` float."""
+    align = "".join("r" if _is_number_column(table[c]) else "l" for c in table)
     lines = [f"% {comment}"] if comment else []
+    lines += [r"\begin{table}[t]", r"\centering", f"\\caption{{{latex_escape(caption)}}}"
+              ] if caption else []
     lines += [f"\\begin{{tabular}}{{{align}}}", r"\toprule",
               " & ".join(latex_escape(str(c)) for c in table.columns) + r" \\", r"\midrule"]
     for row in table.itertuples(index=False):
         cells = [_latex_cell(value, _float_format(column))
                  for value, column in zip(row, table.columns, strict=True)]
         lines.append(" & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [r"\bottomrule", r"\end{tabular}"] + ([r"\end{table}"] if caption else [])
     return "\n".join(lines) + "\n"
+
+
+def _is_number_column(column: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(column) or column.astype(str).str.contains(" ± ").any()
 
 
 def _latex_cell(value: object, float_format: str) -> str:
@@ -153,11 +313,18 @@ def _latex_cell(value: object, float_format: str) -> str:
 
 
 def fd_vs_clip_i(sweep: pd.DataFrame, path: Path) -> Path:
-    """FD against CLIP-I, one line per model, concept and layer set, each point an alpha."""
+    """FD against CLIP-I, one line per setting group (model, concept, layers and whatever else
+    varies), each point an alpha, with its seed spread as error bars."""
     fig, ax = plt.subplots(figsize=(6, 5), layout="constrained")
-    for (model, concept, layers), rows in sweep.groupby(["model", "concept", "layers"]):
+    keys = [c for c in sweep.columns if c not in ("alpha", "fd", "fd_std", "clip_i",
+                                                     "clip_i_std", "seeds")]
+    for values, rows in sweep.groupby(keys, dropna=False):
         rows = rows.sort_values("alpha")
-        ax.plot(rows["clip_i"], rows["fd"], marker="o", label=f"{model}, {concept}: {layers}")
+        named = dict(zip(keys, values, strict=True))
+        label = f"{named.pop('model')}, {named.pop('concept')}: " + ", ".join(
+            str(v) if k == "layers" else f"{k} {v}" for k, v in named.items())
+        ax.errorbar(rows["clip_i"], rows["fd"], xerr=rows["clip_i_std"], yerr=rows["fd_std"],
+                    marker="o", capsize=3, label=label)
         for _, row in rows.iterrows():
             ax.annotate(f"alpha {row['alpha']:g}", (row["clip_i"], row["fd"]), fontsize=8,
                         xytext=(4, 4), textcoords="offset points")
@@ -165,22 +332,36 @@ def fd_vs_clip_i(sweep: pd.DataFrame, path: Path) -> Path:
     ax.set_ylabel(f"{COLUMNS['fd']}: distance to the target distribution")
     ax.margins(0.15)  # room for the alpha labels
     ax.set_title("Steering strength: fairness against faithfulness")
-    fig.legend(fontsize=9, title=f"model, concept: steered layers\n{textwrap.fill(LAYER_KEY, 80)}",
-               title_fontsize=8, loc="outside lower center")
+    fig.legend(fontsize=8, title=f"model, concept: steered layers, settings\n"
+               f"{textwrap.fill(LAYER_KEY, 80)}", title_fontsize=8, loc="outside lower center")
     write_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
+
+
+def caption(runs: pd.DataFrame) -> str:
+    """Who labelled the images and the settings every run shares (those that vary are
+    columns); fairness numbers mean nothing without the labeler."""
+    shared = constant_settings(runs)
+    labeler = shared.pop("labeler", None)
+    said = "; ".join(f"{k} {v}" for k, v in shared.items())
+    return (f"Labels by {labeler}. " if labeler else "Labels: see the labeler column. ") + \
+        f"Mean ± std over seeds where seeds > 1. Same in every run: {said}."
 
 
 def make_tables(root: Path, out: Path) -> dict[str, pd.DataFrame]:
     out.mkdir(parents=True, exist_ok=True)
     runs = run_metrics(root)
     tables = {"localization": localization_table(root)}
+    captions = {}
     if not runs.empty:
         tables["debiasing"] = debiasing_table(runs)
-        tables["alpha_sweep"] = alpha_sweep_table(runs)
+        tables["comparison"] = comparison_table(tables["debiasing"])
+        tables["alpha_sweep"] = alpha_sweep_table(tables["debiasing"])
+        captions = dict.fromkeys(("debiasing", "comparison", "alpha_sweep"), caption(runs))
+    tables = {name: table for name, table in tables.items() if not table.empty}
     for name, table in tables.items():
-        write_formats(table, out, name)
+        write_formats(table, out, name, captions.get(name, ""))
     if "alpha_sweep" in tables and not tables["alpha_sweep"].empty:
         fd_vs_clip_i(tables["alpha_sweep"], out / "fd_vs_clip_i.png")
     return tables
@@ -193,7 +374,9 @@ def main() -> None:
     args = parser.parse_args()
     tables = make_tables(args.root, args.out)
     for name, table in tables.items():
-        print(f"\n## {name}\n\n{markdown(table.rename(columns=COLUMNS))}")
+        print(f"\n## {name}\n\n{markdown(displayed(table))}")
+    if "debiasing" in tables:
+        print(f"\n{caption(run_metrics(args.root))}")
     print(f"\n{LAYER_KEY}\nWritten to {args.out}/ (.md, .tex for booktabs, .csv).")
 
 

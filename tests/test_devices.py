@@ -12,9 +12,13 @@ import torchvision
 from PIL import Image
 
 from icm_lab.concepts import Concept
+from icm_lab.generation import Generator, Prefix
+from icm_lab.hooks import AddVector
 from icm_lab.labeler import FAIRFACE_LABELS, ClipLabeler, FairFaceLabeler
 from icm_lab.metrics import ClipImageFeatures, InceptionFeatures, extract
+from icm_lab.models.adapters import layer_registry
 from icm_lab.models.clip import load_clip
+from icm_lab.validation import build
 from tests.conftest import make_config
 
 CAME_BACK_FROM_META = "Cannot copy out of meta tensor"  # the call ran, then copied to the CPU
@@ -174,3 +178,31 @@ def test_inception_input_is_resized_to_299_the_way_clean_fid_does():
     net.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
     extract(images(3), InceptionFeatures(net, 3, 4))
     assert seen == [(3, 3, 299, 299)]
+
+
+@pytest.mark.parametrize("name", ["toy", pytest.param("tiny_sd15", marks=pytest.mark.slow)])
+def test_generation_records_and_steers_a_bfloat16_model(name, tmp_path):
+    """The generation path itself in bfloat16, as on a GPU: float32 steering vectors, recording
+    hooks and the cached prefix all meet bfloat16 activations; PyTorch refuses any mix."""
+    spec = build(make_config(f"model={name}", "model.dtype=bfloat16", "model.steps=4",
+                             "model.batch_size=2").model, "model")
+    pipe = spec.load()
+    assert {p.dtype for p in pipe.unet.parameters()} == {torch.bfloat16}
+    registry = layer_registry(pipe, spec.resolution)
+    generator = Generator(pipe, registry, spec)
+    layer = registry.names("attn1")[0]
+    vectors = torch.zeros(2, registry[layer].width)  # float32, as steering plans hold them
+    vectors[0] = 50.0
+    steer = [AddVector(layer, vectors, start=1)]
+    prompt = spec_prompt(name)
+    base, recorded = generator.batch([prompt] * 2, [1, 2], record=[layer],
+                                     prefix=Prefix(tmp_path, 1))
+    assert recorded[layer].shape == (2, 4, registry[layer].width)
+    assert np.isfinite(recorded[layer]).all()
+    steered, _ = generator.batch([prompt] * 2, [1, 2], steer, prefix=Prefix(tmp_path, 1))
+    assert not np.array_equal(np.asarray(base[0]), np.asarray(steered[0]))  # steered
+    assert np.array_equal(np.asarray(base[1]), np.asarray(steered[1]))  # untouched, exact
+
+
+def spec_prompt(model: str) -> str:
+    return "a circle" if model == "toy" else "a photo of a person"
