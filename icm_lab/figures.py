@@ -14,7 +14,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from icm_lab.files import write_figure, write_image  # noqa: E402
-from icm_lab.models.adapters import block_name  # noqa: E402
+from icm_lab.models.adapters import block_name, short_name, short_name_key  # noqa: E402
 
 KIND_COLOURS = {"attn1": "tab:blue", "attn2": "tab:orange", "bottleneck": "tab:green"}
 KIND_NAMES = {"attn1": "attn1 (self-attention)", "attn2": "attn2 (cross-attention)",
@@ -225,3 +225,86 @@ def _undecided(per_prompt: dict[str, dict]) -> str:
     """", undecided 3 / 1" when any image of the prompt has no label."""
     counts = [per_prompt[side]["n_undecided"] for side in ("base", "steered")]
     return f"; undecided {counts[0]} / {counts[1]}" if any(counts) else ""
+
+
+def causal_heatmaps(table: pd.DataFrame, order: list[str], column: str, path: Path,
+                    title: str = "") -> Path:
+    """The causal map: per kind (attn1, attn2, bottleneck side by side), layers in `order` (the
+    separability heatmap's) by `column` (class, or window), of the shift of the target-class
+    rate when that layer alone is steered. One diverging colour scale centred on 0; each cell
+    prints its shift, starred where its 95% interval excludes 0."""
+    kinds = [k for k in KIND_COLOURS if (table["kind"] == k).any()]
+    columns = list(dict.fromkeys(table[column]))
+    limit = max(0.05, float(table["effect"].abs().max()))
+    n_rows = {k: (table["kind"] == k).groupby(table["layer"]).any().sum() for k in kinds}
+    fig = plt.figure(figsize=(4.5 + (0.6 + 0.5 * len(columns)) * len(kinds),
+                              2.0 + 0.32 * max(n_rows.values())), layout="constrained")
+    grid = fig.add_gridspec(max(n_rows.values()), len(kinds))
+    image, previous = None, None
+    for i, kind in enumerate(kinds):
+        rows = table[table["kind"] == kind]
+        layers = [name for name in order if name in set(rows["layer"])]
+        ax = fig.add_subplot(grid[:n_rows[kind], i])
+        cells = {key: rows.pivot(index="layer", columns=column, values=key).loc[layers, columns]
+                 .to_numpy() for key in ("effect", "ci_low", "ci_high")}
+        image = ax.imshow(cells["effect"], aspect="auto", cmap="RdBu_r", vmin=-limit,
+                          vmax=limit, interpolation="nearest")
+        for (r, c), value in np.ndenumerate(cells["effect"]):
+            clear = not cells["ci_low"][r, c] <= 0 <= cells["ci_high"][r, c]
+            ax.text(c, r, f"{value:+.2f}{'*' if clear else ''}", ha="center", va="center",
+                    fontsize=FONT - 1, color="white" if abs(value) > limit / 2 else "black")
+        ax.set_xticks(range(len(columns)), columns, fontsize=FONT)
+        ax.xaxis.tick_top()
+        names = [block_name(n) for n in layers]
+        ax.set_yticks(range(len(layers)), names if names != previous else [], fontsize=FONT)
+        previous = names
+        ax.set_title(KIND_NAMES.get(kind, kind), fontsize=FONT + 2)
+    fig.colorbar(image, ax=fig.axes, shrink=0.9, label="shift of the target-class rate")
+    fig.suptitle(f"{title or 'Causal effect per layer'}\ncolumns: the class steered toward "
+                 "(mean: over classes); value: steered − unsteered share of images showing it, "
+                 "same seeds; *: 95% interval excludes 0", fontsize=FONT + 1)
+    write_figure(fig, path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def separability_vs_effect(points: pd.DataFrame, path: Path, chance: float,
+                           score: str = "balanced_accuracy", title: str = "") -> Path:
+    """One point per layer: its separability (mean `score` over the steering window) against
+    its causal effect (mean shift of the target-class rate over classes, with its 95%
+    interval), coloured by kind and named by its short name."""
+    fig, ax = plt.subplots(figsize=(8.5, 6), layout="constrained")
+    for kind in [k for k in KIND_COLOURS if (points["kind"] == k).any()]:
+        rows = points[points["kind"] == kind]
+        error = np.abs(rows[["ci_low", "ci_high"]].to_numpy().T - rows["effect"].to_numpy())
+        ax.errorbar(rows[score], rows["effect"], yerr=error, fmt="o", capsize=2,
+                    color=KIND_COLOURS[kind], label=f"{KIND_NAMES[kind]}{_rho(rows, score)}")
+        # Named: the layers with a clear effect and the most separable ones; layers at about
+        # the same point share one label, their names stacked.
+        clear = (rows["ci_low"] > 0) | (rows["ci_high"] < 0)
+        named = rows[clear | rows[score].rank(ascending=False, method="first").le(3)]
+        spot = named.assign(x=named[score].round(2), y=named["effect"].round(2))
+        for (x, y), near in spot.groupby(["x", "y"]):
+            ax.annotate("\n".join(short_name(n) for n in near["layer"]), (x, y), xytext=(4, 3),
+                        textcoords="offset points", fontsize=FONT - 1, va="bottom",
+                        color=KIND_COLOURS[kind])
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.axvline(chance, **CHANCE_STYLE, label=f"chance separability ({chance:.2f})")
+    ax.set_xlabel(f"separability: mean {_label(score)} over the steering window")
+    ax.set_ylabel("causal effect: mean shift of the target-class rate\n(steered − unsteered, "
+                  "mean over classes; bars: 95% interval)")
+    ax.tick_params(labelsize=FONT)
+    ax.legend(fontsize=FONT, loc="upper left")
+    ax.set_title(f"{title or 'Separability against causal effect'}\nnamed: layers whose "
+                 f"interval excludes 0 and the 3 most separable of each kind. "
+                 f"{short_name_key()}", fontsize=FONT + 1, wrap=True)
+    write_figure(fig, path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _rho(rows: pd.DataFrame, score: str) -> str:
+    """Spearman's rank correlation of separability and effect, when there are 3+ layers."""
+    if len(rows) < 3:
+        return ""
+    return f", Spearman ρ {rows[score].corr(rows['effect'], method='spearman'):+.2f}"

@@ -85,6 +85,38 @@ class Prefix:
             save_file({"latents": latents}, tmp, metadata={"sha256": _digest(latents)})
 
 
+@dataclass(frozen=True)
+class PrefixRows:
+    """A plan whose samples repeat samples of another plan (`source`, generated in batches of
+    `size`): sample j starts from the cached latents of the source's sample `rows[j]`. Many
+    steered runs of the same images (the causal map's layers and classes, batched together) so
+    share the one prefix of their unsteered images. Only the source's own generation writes it."""
+
+    source: Prefix
+    rows: tuple[int, ...]
+    size: int  # the source plan's batch size
+    n: int  # samples in the source plan
+
+    @property
+    def step(self) -> int:
+        return self.source.step
+
+    def load(self, start: int, stop: int) -> torch.Tensor | None:
+        """The latents of samples `start:stop`, gathered from the source's batches; None when
+        one of those batches is not cached."""
+        wanted = self.rows[start:stop]
+        batches = {}
+        for first in sorted({row // self.size * self.size for row in wanted}):
+            batches[first] = self.source.load(first, min(first + self.size, self.n))
+            if batches[first] is None:
+                return None
+        return torch.stack([batches[row // self.size * self.size][row % self.size]
+                            for row in wanted])
+
+    def save(self, start: int, stop: int, latents: torch.Tensor) -> None:
+        """Nothing: these samples' prefix is the source's, written by its own generation."""
+
+
 def _digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
 
@@ -121,8 +153,8 @@ class Generator:
     calls: int = field(default=0, init=False)
     _refusal_logged: bool = field(default=False, init=False, repr=False)
 
-    def usable(self, prefix: Prefix | None, interventions: Sequence[Intervention] = ()
-               ) -> Prefix | None:
+    def usable(self, prefix: Prefix | PrefixRows | None,
+               interventions: Sequence[Intervention] = ()) -> Prefix | PrefixRows | None:
         """`prefix`, or None (with a warning, once) when this pipeline's scheduler keeps
         state between steps. Steering inside the prefix is refused: it would not be shared."""
         if prefix is None:
@@ -143,7 +175,7 @@ class Generator:
 
     def batch(self, prompts: Sequence[str], seeds: Sequence[int],
               interventions: Sequence[Intervention] = (), record: Sequence[str] = (),
-              prefix: Prefix | None = None, first: int = 0,
+              prefix: Prefix | PrefixRows | None = None, first: int = 0,
               ) -> tuple[list[Image.Image], dict[str, np.ndarray]]:
         """One batch: the images and, if `record` names layers, their recorded activations.
         Interventions hold one row per sample of this batch. With `prefix`, the batch (samples

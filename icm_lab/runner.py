@@ -1,6 +1,7 @@
 """The runner: owns the stage graph and wires each stage to its inputs.
 
     collect --> localize --> steer --> evaluate
+                   \--> causal --/   (causal: asked for, or needed by layers.rank_by=causal)
 
 A stage is a function of the shared resources (`Resources`), its own config section (a checked
 dataclass from `schema.py`) and the results of the stages it needs; it returns a typed result.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,10 @@ from icm_lab.methods import SteeringMethod
 from icm_lab.resources import Resources
 from icm_lab.schema import STAGES, section
 from icm_lab.selection import LayerSelection, step_window
+from icm_lab.stages.causal import causal, select_by_effect
 from icm_lab.stages.collect import collect
 from icm_lab.stages.evaluate import evaluate
-from icm_lab.stages.localize import load_localization, localize
+from icm_lab.stages.localize import Localization, load_localization, localize
 from icm_lab.stages.steer import steer
 from icm_lab.validation import validate
 
@@ -44,21 +47,27 @@ class Run:
         steer_cfg = section(cfg, "steer")
         self.selection = LayerSelection(
             layers.select, layers.kind, layers.k,
-            step_window(steer_cfg.start, steer_cfg.end, self.res.model.steps))
+            step_window(steer_cfg.start, steer_cfg.end, self.res.model.steps), layers.rank_by)
+        self._external: Localization | None = None  # steer.probes, loaded once
         self.results: dict[str, Any] = {}
         self.denoiser_calls: dict[str, int] = {}  # per stage, this run's computing calls
         self._stages: dict[str, Callable[[], Any]] = {
-            "collect": self._collect, "localize": self._localize, "steer": self._steer,
-            "evaluate": self._evaluate,
+            "collect": self._collect, "localize": self._localize, "causal": self._causal,
+            "steer": self._steer, "evaluate": self._evaluate,
         }
 
     def needs(self, stage: str) -> tuple[str, ...]:
         """The stages whose results `stage` takes."""
+        external = self.cfg.steer.probes  # another run's probe set replaces localize's
+        probes = () if external else ("localize",)
         if stage == "localize":
             return ("collect",)
+        if stage == "causal":
+            return probes
         if stage == "steer":
-            external = self.cfg.steer.probes  # another run's probe set replaces localize's
-            return ("localize",) if self.method.uses_probes and not external else ()
+            if not self.method.uses_probes:
+                return ()
+            return probes + (("causal",) if self.selection.needs_causal_map else ())
         if stage == "evaluate":
             return ("steer",)
         return ()
@@ -85,14 +94,34 @@ class Run:
 
     def _localize(self):
         return localize(self.res, section(self.cfg, "localize"), instantiate(self.cfg.probe),
-                        self.results["collect"], self.selection, self.cfg.seed)
+                        self.results["collect"], self._by_separability(), self.cfg.seed)
+
+    def _by_separability(self) -> LayerSelection:
+        """The selection that localize reports: rank_by=causal re-selects once the causal map
+        exists (`select_by_effect`)."""
+        return replace(self.selection, rank_by="separability")
+
+    def _localization(self) -> Localization:
+        """The probes steering reads: this run's, or another run's (`steer.probes`)."""
+        external = self.cfg.steer.probes
+        if not external:
+            return self.results["localize"]
+        if self._external is None:
+            self._external = load_localization(self.res, Path(external),
+                                               self._by_separability())
+        return self._external
+
+    def _causal(self):
+        return causal(self.res, section(self.cfg, "causal"), section(self.cfg, "steer"),
+                      self._localization().probes)
 
     def _steer(self):
         localization = None
         if self.method.uses_probes:
-            external = self.cfg.steer.probes
-            localization = load_localization(self.res, Path(external), self.selection) \
-                if external else self.results["localize"]
+            localization = self._localization()
+            if self.selection.needs_causal_map:
+                localization = select_by_effect(self.res, localization, self.results["causal"],
+                                                 self.selection)
         return steer(self.res, section(self.cfg, "steer"), self.method,
                      self.cfg.eval.n_images_per_prompt, self.cfg.seed, localization)
 
