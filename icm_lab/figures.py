@@ -178,8 +178,9 @@ def before_after_grid(before_images: list[Path], after_images: list[Path], befor
 def class_distribution(table: pd.DataFrame, classes: list[str], target: np.ndarray, path: Path,
                        fd: dict[str, dict], title: str = "") -> Path:
     """Share of each class among the decided images of each prompt, base against steered, the
-    target marked; each panel with its image count and FD, the title with the mean FD (`fd`:
-    the base and steered sections of metrics.json)."""
+    target marked, with 95% bootstrap intervals; each panel with its image count and FD, the
+    title with the mean FD and its interval (`fd`: the base and steered sections of
+    metrics.json)."""
     prompts = list(dict.fromkeys(table["prompt"]))
     columns = min(4, len(prompts))
     rows_of_panels = -(-len(prompts) // columns)
@@ -191,11 +192,14 @@ def class_distribution(table: pd.DataFrame, classes: list[str], target: np.ndarr
     x = np.arange(len(classes))
     for ax, prompt in zip(axes.flat, prompts, strict=False):
         rows = table[table["prompt"] == prompt]
-        for offset, column, colour in ((-0.2, "base_label", "tab:grey"),
-                                       (0.2, "label", "tab:purple")):
+        for offset, column, colour, side in ((-0.2, "base_label", "tab:grey", "base"),
+                                             (0.2, "label", "tab:purple", "steered")):
             decided = rows[column][rows[column].isin(classes)]  # as FD counts them
-            share = [(decided == k).mean() if len(decided) else np.nan for k in classes]
-            ax.bar(x + offset, share, width=0.4, color=colour)
+            share = np.array([(decided == k).mean() if len(decided) else np.nan
+                              for k in classes])
+            ax.bar(x + offset, share, width=0.4, color=colour,
+                   yerr=_share_errors(fd[side], prompt, share), capsize=2, ecolor="black",
+                   error_kw={"linewidth": 0.8})
         ax.scatter(x, target, marker="_", s=400, color="black", zorder=3)
         ax.set_xticks(x, classes, rotation=30 if max(map(len, classes)) > 6 else 0,
                       fontsize=FONT)
@@ -214,11 +218,27 @@ def class_distribution(table: pd.DataFrame, classes: list[str], target: np.ndarr
                loc="outside lower center", ncols=3, fontsize=FONT + 1)
     n_base, n_steered = fd["base"]["n_images"], fd["steered"]["n_images"]
     fig.suptitle(f"{title or 'Class distribution per prompt'}\nFD (distance to the target, "
-                 f"mean over prompts; lower is better): base {fd['base']['fd']:.3f} → steered "
-                 f"{fd['steered']['fd']:.3f} ({n_base} + {n_steered} images)", fontsize=FONT + 2)
+                 f"mean over prompts; lower is better): base {_with_ci(fd['base'])} → steered "
+                 f"{_with_ci(fd['steered'])} ({n_base} + {n_steered} images; bars: 95% "
+                 "bootstrap intervals)", fontsize=FONT + 2)
     write_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _with_ci(metrics: dict, key: str = "fd") -> str:
+    interval = metrics.get("ci", {}).get(key)
+    return f"{metrics[key]:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval
+                                    else "")
+
+
+def _share_errors(metrics: dict, prompt: str, share: np.ndarray) -> np.ndarray | None:
+    """Error bars from the bootstrap interval of each class share (metrics.json `ci`)."""
+    interval = metrics.get("ci", {}).get("per_prompt", {}).get(prompt)
+    if interval is None:
+        return None
+    low, high = np.array(interval, dtype=float).T
+    return np.clip(np.nan_to_num(np.stack([share - low, high - share])), 0, None)
 
 
 def _undecided(per_prompt: dict[str, dict]) -> str:

@@ -90,6 +90,84 @@ def fairness_by_prompt(table: pd.DataFrame, label: str, prob_prefix: str,
             "per_prompt": per_prompt}
 
 
+BOOTSTRAP = {"resamples": 1000, "level": 0.95}  # percentile intervals (docs/metrics.md)
+CI_METRICS = ("fd", "fd_pooled", "fd_soft", "kl", "deviation")
+
+
+def bootstrap_fairness(table: pd.DataFrame, sides: dict[str, tuple[str, str, str | None]],
+                       classes: Sequence[str], target: np.ndarray, seed: int,
+                       resamples: int = BOOTSTRAP["resamples"],
+                       level: float = BOOTSTRAP["level"]) -> dict[str, dict]:
+    """Percentile bootstrap intervals of the fairness metrics over images: each resample draws
+    every prompt's images with replacement (the prompts stay as they are, as FD averages them),
+    and the same draw serves every side (base and steered images share seeds, so their
+    difference is paired). `sides`: name -> (label column, probability prefix, weight column).
+    Per side `{metric: [low, high]}` for CI_METRICS and the per-image means of `clip_t` and
+    `clip_i` when the table has them (`<side>` prefix `base_` reads `base_clip_t`), plus
+    `change` (steered - base) when both sides are given; `per_prompt` holds each prompt's class
+    shares' intervals."""
+    rng = np.random.default_rng(seed)
+    draws = {prompt: rng.integers(0, len(rows), (resamples, len(rows)))
+             for prompt, rows in table.groupby("prompt", sort=False)}
+    values = {name: _resampled(table, draws, *columns, classes, target)
+              for name, columns in sides.items()}
+    tails = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    out = {name: {key: np.nanpercentile(v, tails).tolist() for key, v in metrics.items()
+                  if key != "shares"} for name, metrics in values.items()}
+    for name, metrics in values.items():
+        out[name]["per_prompt"] = {prompt: np.nanpercentile(shares, tails, axis=0).T.tolist()
+                                   for prompt, shares in metrics["shares"].items()}
+    if {"base", "steered"} <= set(values):
+        out["change"] = {key: np.nanpercentile(values["steered"][key] - values["base"][key],
+                                               tails).tolist()
+                         for key in values["steered"] if key in values["base"]
+                         and key != "shares"}
+    return out
+
+
+def _resampled(table: pd.DataFrame, draws: dict[str, np.ndarray], label: str, prefix: str,
+               weight: str | None, classes: Sequence[str], target: np.ndarray
+               ) -> dict[str, np.ndarray]:
+    """The metrics of every resample, `[resamples]` each (per-prompt metrics averaged over
+    prompts, as `fairness_by_prompt`), and each prompt's class shares `[resamples, K]`."""
+    per_prompt, pooled_counts, pooled_soft, pooled_weight, shares = [], 0.0, 0.0, 0.0, {}
+    clip = {c: [] for c in ("clip_t", "clip_i") if f"{prefix.removesuffix('p_')}{c}" in table}
+    for prompt, rows in table.groupby("prompt", sort=False):
+        idx = draws[prompt]
+        onehot = np.stack([(rows[label] == k).to_numpy(float) for k in classes], axis=1)
+        probs = rows[[f"{prefix}{k}" for k in classes]].to_numpy(float)
+        has = ~np.isnan(probs).all(axis=1)
+        w = (rows[weight].to_numpy(float) if weight in rows else has.astype(float)) * has
+        counts = onehot[idx].sum(axis=1)  # [B, K]
+        soft, mass = (np.nan_to_num(probs) * w[:, None])[idx].sum(axis=1), w[idx].sum(axis=1)
+        per_prompt.append(_fairness_arrays(counts, soft, mass, target))
+        shares[prompt] = per_prompt[-1]["f"]
+        pooled_counts, pooled_soft, pooled_weight = (pooled_counts + counts, pooled_soft + soft,
+                                                     pooled_weight + mass)
+        for c in clip:
+            clip[c].append(rows[f"{prefix.removesuffix('p_')}{c}"].to_numpy(float)[idx])
+    with np.errstate(invalid="ignore"):
+        result = {key: np.nanmean([m[key] for m in per_prompt], axis=0)
+                  for key in ("fd", "fd_soft", "kl", "deviation")}
+    pooled = _fairness_arrays(pooled_counts, pooled_soft, pooled_weight, target)
+    result["fd_pooled"] = pooled["fd"]
+    result |= {c: np.concatenate(v, axis=1).mean(axis=1) for c, v in clip.items()}
+    return {**result, "shares": shares}
+
+
+def _fairness_arrays(counts: np.ndarray, soft: np.ndarray, mass: np.ndarray,
+                     target: np.ndarray) -> dict[str, np.ndarray]:
+    """`fairness` on `[B, K]` class counts and probability sums: FD, FD_soft, KL, deviation
+    and the shares f per resample (NaN where a resample has no decided image)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f = counts / counts.sum(axis=1, keepdims=True)
+        p = soft / mass[:, None]
+        kl = np.where(f > 0, f * np.log(f / target), 0.0).sum(axis=1)
+    kl[np.isnan(f).any(axis=1)] = np.nan
+    return {"fd": np.linalg.norm(f - target, axis=1), "fd_soft": np.linalg.norm(p - target, axis=1),
+            "kl": kl, "deviation": np.abs(f - target).max(axis=1) / (1 - target).max(), "f": f}
+
+
 def clip_score(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(cos + 1) / 2 between matching rows of unit feature matrices."""
     return ((a * b).sum(dim=-1) + 1) / 2

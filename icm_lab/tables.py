@@ -29,6 +29,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
@@ -72,7 +73,11 @@ def run_metrics(root: Path) -> pd.DataFrame:
 
 
 def setting_columns(runs: pd.DataFrame) -> list[str]:
-    return [c for c in runs.columns if c not in {*DEBIAS_METRICS, *OUTCOMES, "run", "mtime"}]
+    return [c for c in runs.columns if c not in {*DEBIAS_METRICS, *OUTCOMES, "run", "mtime"}
+            and not c.endswith(INTERVAL)]
+
+
+INTERVAL = ("_low", "_high")  # a metric's bootstrap interval over images, in one run
 
 
 # Per run, not settings: the metrics' base FD, the seed and what followed from it.
@@ -92,6 +97,9 @@ def _run_row(path: Path) -> dict:
            **{key: float(steered.get(key, float("nan"))) for key in DEBIAS_METRICS}}
     if "n_images" in steered:
         row["undecided"] = steered["n_undecided"] / steered["n_images"]
+    for key, (low, high) in steered.get("ci", {}).items():  # bootstrap 95% over images
+        if key in DEBIAS_METRICS:
+            row[f"{key}_low"], row[f"{key}_high"] = low, high
     return row
 
 
@@ -180,10 +188,12 @@ def localization_table(root: Path) -> pd.DataFrame:
 
 def debiasing_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Per setting group (LEADING and every varying setting): the mean of each metric over
-    seeds (`<metric>`), its standard deviation (`<metric>_std`, NaN for one seed), `seeds`."""
+    seeds (`<metric>`), its standard deviation (`<metric>_std`, NaN for one seed), the mean of
+    its bootstrap interval's bounds (`<metric>_low`, `_high`), and `seeds`."""
     keys = [*LEADING, *varying_settings(runs)]
     grouped = runs.groupby(keys, sort=True, dropna=False)
-    table = grouped[["base_fd", *DEBIAS_METRICS]].mean()
+    bounds = [c for c in runs.columns if c.endswith(INTERVAL)]
+    table = grouped[["base_fd", *DEBIAS_METRICS, *bounds]].mean()
     spread = grouped[DEBIAS_METRICS].std(ddof=1).add_suffix("_std")
     table = table.join(spread)
     table["seeds"] = grouped[REPLICATE].nunique()
@@ -193,17 +203,22 @@ def debiasing_table(runs: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
+def group_keys(debias: pd.DataFrame) -> list[str]:
+    """The debiasing table's grouping columns: everything but numbers and outcomes."""
+    return [c for c in debias.columns if c not in {*DEBIAS_METRICS, *OUTCOMES, "seeds"}
+            and not c.endswith(("_std", *INTERVAL))]
+
+
 def comparison_table(debias: pd.DataFrame) -> pd.DataFrame:
     """The paper's layout: a row per method (and per other varying setting), FD, FID, CLIP-T
     and CLIP-I per concept side by side. Layers and probe sets follow the concept (each has
     its own localization), so they key rows only when one concept has several."""
-    settings = [c for c in debias.columns if c not in {"concept", "base_fd", "seeds",
-                                                        "steered_layers"}
-                and c not in DEBIAS_METRICS and not c.endswith("_std")]
+    settings = [c for c in group_keys(debias) if c != "concept"]
     rows = [c for c in settings if c != "layers"]
     if debias.duplicated([*rows, "concept"]).any():
         rows = settings
-    values = [*PAPER_METRICS, *(f"{m}_std" for m in PAPER_METRICS)]
+    values = [f"{m}{x}" for m in PAPER_METRICS for x in ("", "_std", *INTERVAL)
+              if f"{m}{x}" in debias.columns]
     wide = debias.set_index([*rows, "concept"])[values].unstack("concept")  # rows are unique
     wide.columns = [f"{concept}|{metric}" for metric, concept in wide.columns]
     order = [f"{c}|{m}" for c in sorted(debias["concept"].unique())
@@ -215,11 +230,10 @@ def alpha_sweep_table(debias: pd.DataFrame) -> pd.DataFrame:
     """ICM's FD and CLIP-I per strength, from the debiasing table's groups (never averaged
     over other settings)."""
     steered = debias[debias["method"] == "icm"]
-    keys = [c for c in steered.columns if c not in ("method", "base_fd", "seeds",
-                                                     "steered_layers")
-            and c not in DEBIAS_METRICS and not c.endswith("_std")]
-    return steered[[*keys, "fd", "fd_std", "clip_i", "clip_i_std", "seeds"]].reset_index(
-        drop=True)
+    keys = [c for c in group_keys(steered) if c != "method"]
+    numbers = [f"{m}{x}" for m in ("fd", "clip_i") for x in ("", "_std", *INTERVAL)
+               if f"{m}{x}" in steered.columns]
+    return steered[[*keys, *numbers, "seeds"]].reset_index(drop=True)
 
 
 def write_formats(table: pd.DataFrame, out: Path, name: str, caption: str = "") -> None:
@@ -235,11 +249,12 @@ def write_formats(table: pd.DataFrame, out: Path, name: str, caption: str = "") 
 
 
 def column_name(column: str) -> str:
-    """COLUMNS' name; `concept|metric` (the comparison table) and `metric_std` composed."""
+    """COLUMNS' name; `concept|metric` (the comparison table) and `metric_std`, `_low`,
+    `_high` composed."""
     concept, _, metric = column.rpartition("|")
-    std = metric.endswith("_std")
-    base = COLUMNS.get(metric.removesuffix("_std"), metric.removesuffix("_std"))
-    return f"{concept} {base}".strip() + (" std" if std else "")
+    suffix = next((x for x in ("_std", *INTERVAL) if metric.endswith(x)), "")
+    name = metric.removesuffix(suffix) if suffix else metric
+    return f"{concept} {COLUMNS.get(name, name)}".strip() + suffix.replace("_", " ")
 
 
 def displayed(table: pd.DataFrame) -> pd.DataFrame:
@@ -247,20 +262,28 @@ def displayed(table: pd.DataFrame) -> pd.DataFrame:
     every number rounded to 3 decimals, so no -0.000; columns named by `column_name`."""
     shown = table.copy()
     for column in [c for c in table.columns if f"{c}_std" in table.columns]:
-        shown[column] = [_mean_std(m, sd) for m, sd in zip(table[column], table[f"{column}_std"],
-                                                              strict=True)]
-        shown = shown.drop(columns=f"{column}_std")
+        low, high = (table.get(f"{column}{x}", pd.Series(np.nan, table.index)) for x in INTERVAL)
+        shown[column] = [_mean_spread(*values) for values in zip(
+            table[column], table[f"{column}_std"], low, high, strict=True)]
+    shown = shown.drop(columns=[c for c in table.columns if c.endswith(("_std", *INTERVAL))])
     for column in shown.columns:
         if pd.api.types.is_float_dtype(shown[column]) and column != "alpha":
             shown[column] = shown[column].round(3) + 0.0  # -0.0004 -> 0.0, not -0.000
     return shown.rename(columns=column_name)
 
 
-def _mean_std(mean: float, std: float) -> str | float:
+def _mean_spread(mean: float, std: float, low: float, high: float) -> str | float:
+    """"mean ± std" over seeds, or for one seed "mean [low, high]", its bootstrap interval."""
     if pd.isna(mean):
         return float("nan")
-    text = f"{round(mean, 3) + 0.0:.3f}"
-    return text if pd.isna(std) else f"{text} ± {round(std, 3) + 0.0:.3f}"
+    text = _three(mean)
+    if not pd.isna(std):
+        return f"{text} ± {_three(std)}"
+    return text if pd.isna(low) else f"{text} [{_three(low)}, {_three(high)}]"
+
+
+def _three(value: float) -> str:
+    return f"{round(value, 3) + 0.0:.3f}"  # + 0.0: -0.0004 prints 0.000, not -0.000
 
 
 def _float_format(column: str) -> str:
@@ -314,17 +337,18 @@ def _latex_cell(value: object, float_format: str) -> str:
 
 def fd_vs_clip_i(sweep: pd.DataFrame, path: Path) -> Path:
     """FD against CLIP-I, one line per setting group (model, concept, layers and whatever else
-    varies), each point an alpha, with its seed spread as error bars."""
+    varies), each point an alpha; error bars: ± std over seeds, or one run's bootstrap 95%
+    interval."""
     fig, ax = plt.subplots(figsize=(6, 5), layout="constrained")
-    keys = [c for c in sweep.columns if c not in ("alpha", "fd", "fd_std", "clip_i",
-                                                     "clip_i_std", "seeds")]
+    keys = [c for c in sweep.columns if c not in ("alpha", "seeds")
+            and not c.startswith(("fd", "clip_i"))]
     for values, rows in sweep.groupby(keys, dropna=False):
         rows = rows.sort_values("alpha")
         named = dict(zip(keys, values, strict=True))
         label = f"{named.pop('model')}, {named.pop('concept')}: " + ", ".join(
             str(v) if k == "layers" else f"{k} {v}" for k, v in named.items())
-        ax.errorbar(rows["clip_i"], rows["fd"], xerr=rows["clip_i_std"], yerr=rows["fd_std"],
-                    marker="o", capsize=3, label=label)
+        ax.errorbar(rows["clip_i"], rows["fd"], xerr=_error(rows, "clip_i"),
+                    yerr=_error(rows, "fd"), marker="o", capsize=3, label=label)
         for _, row in rows.iterrows():
             ax.annotate(f"alpha {row['alpha']:g}", (row["clip_i"], row["fd"]), fontsize=8,
                         xytext=(4, 4), textcoords="offset points")
@@ -339,6 +363,17 @@ def fd_vs_clip_i(sweep: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def _error(rows: pd.DataFrame, metric: str) -> np.ndarray:
+    """Error bars: ± std over seeds, or the bootstrap interval of a single seed's run."""
+    std = rows[f"{metric}_std"].to_numpy(float)
+    low = rows.get(f"{metric}_low", pd.Series(np.nan, rows.index)).to_numpy(float)
+    high = rows.get(f"{metric}_high", pd.Series(np.nan, rows.index)).to_numpy(float)
+    mean = rows[metric].to_numpy(float)
+    below = np.where(np.isnan(std), mean - low, std)
+    above = np.where(np.isnan(std), high - mean, std)
+    return np.clip(np.nan_to_num(np.stack([below, above])), 0, None)
+
+
 def caption(runs: pd.DataFrame) -> str:
     """Who labelled the images and the settings every run shares (those that vary are
     columns); fairness numbers mean nothing without the labeler."""
@@ -346,7 +381,8 @@ def caption(runs: pd.DataFrame) -> str:
     labeler = shared.pop("labeler", None)
     said = "; ".join(f"{k} {v}" for k, v in shared.items())
     return (f"Labels by {labeler}. " if labeler else "Labels: see the labeler column. ") + \
-        f"Mean ± std over seeds where seeds > 1. Same in every run: {said}."
+        "Mean ± std over seeds where seeds > 1; for one seed, [95% bootstrap interval over " \
+        f"images]. Same in every run: {said}."
 
 
 def make_tables(root: Path, out: Path) -> dict[str, pd.DataFrame]:

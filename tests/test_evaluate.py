@@ -14,6 +14,8 @@ from icm_lab.errors import UserError
 from icm_lab.cli import reference_stats_command
 from icm_lab.metrics import (
     ClipImageFeatures,
+    _resampled,
+    bootstrap_fairness,
     clip_score,
     extract,
     fairness,
@@ -87,6 +89,51 @@ def test_soft_frequencies_average_over_readings_not_images():
     assert result["fd"] == pytest.approx(0)  # labels: one image each way
     unweighted = fairness_by_prompt(table, "label", "p_", ["m", "f"], np.array([0.5, 0.5]))
     assert unweighted["fd_soft"] == pytest.approx(0)
+
+
+def bootstrap_table(n: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(["m", "f", "undecided"], size=(2 * n,), p=[0.6, 0.3, 0.1])
+    p_m = rng.random(2 * n)
+    return pd.DataFrame({"prompt": ["p"] * n + ["q"] * n, "label": labels, "p_m": p_m,
+                         "p_f": 1 - p_m, "weight": rng.integers(1, 3, 2 * n).astype(float),
+                         "clip_t": rng.random(2 * n), "clip_i": rng.random(2 * n)})
+
+
+def test_bootstrap_resamples_are_the_metrics_of_resampled_tables():
+    """The vectorised resampling equals fairness_by_prompt on each resampled table, drawn
+    within each prompt."""
+    table, classes, target = bootstrap_table(20), ["m", "f"], np.array([0.5, 0.5])
+    rng = np.random.default_rng(7)
+    draws = {prompt: rng.integers(0, 20, (4, 20)) for prompt in ("p", "q")}
+    fast = _resampled(table, draws, "label", "p_", "weight", classes, target)
+    for b in range(4):
+        rows = pd.concat([table[table["prompt"] == prompt].iloc[draws[prompt][b]]
+                          for prompt in ("p", "q")])
+        slow = fairness_by_prompt(rows, "label", "p_", classes, target, "weight")
+        for key in ("fd", "fd_soft", "kl", "deviation", "fd_pooled"):
+            assert fast[key][b] == pytest.approx(slow[key]), key
+        assert fast["clip_i"][b] == pytest.approx(rows["clip_i"].mean())
+
+
+def test_bootstrap_intervals_bracket_the_estimate_and_shrink_with_more_images():
+    classes, target = ["m", "f"], np.array([0.5, 0.5])
+    sides = {"base": ("label", "p_", "weight"), "steered": ("label", "p_", "weight")}
+    widths = []
+    for n in (20, 500):
+        table = bootstrap_table(n)
+        ci = bootstrap_fairness(table, sides, classes, target, seed=0)
+        point = fairness_by_prompt(table, "label", "p_", classes, target, "weight")
+        for key in ("fd", "fd_pooled", "fd_soft"):
+            low, high = ci["base"][key]
+            assert low <= point[key] <= high, key
+        assert ci["change"]["fd"] == [0.0, 0.0]  # the same images on both sides: paired
+        assert len(ci["base"]["per_prompt"]["p"]) == 2  # [low, high] per class
+        widths.append(ci["base"]["fd"][1] - ci["base"]["fd"][0])
+    assert widths[1] < widths[0] / 2
+    again = bootstrap_fairness(bootstrap_table(20), sides, classes, target, seed=0)
+    assert again["base"]["fd"] == bootstrap_fairness(bootstrap_table(20), sides, classes,
+                                                     target, seed=0)["base"]["fd"]  # seeded
 
 
 @pytest.fixture(scope="module")

@@ -69,13 +69,18 @@ def test_distribution_chart_shows_counts_and_fd(tmp_path, drawn):
                   "steered": {"fd": 0.0, "n_images": 4, "n_undecided": 0}}
     fd = {side: {"fd": per_prompt[side]["fd"], "n_images": 4,
                  "per_prompt": {"a circle": per_prompt[side]}} for side in per_prompt}
+    fd["base"]["ci"] = {"fd": [0.5, 0.707], "per_prompt": {"a circle": [[0.5, 1.0], [0.0, 0.5]]}}
     figures.class_distribution(table, ["red", "blue"], np.array([0.5, 0.5]), tmp_path / "d.png",
                                fd=fd)
     fig, = drawn
     ax = fig.axes[0]
     assert ax.get_title() == '"a circle"\n4 images each; FD 0.71 → 0.00; undecided 1 / 0'
     assert [bar.get_height() for bar in ax.patches[:2]] == [1.0, 0.0]  # of decided images
-    assert "base 0.707 → steered 0.000 (4 + 4 images)" in fig.get_suptitle()
+    assert "base 0.707 [0.500, 0.707] → steered 0.000 (4 + 4 images" in fig.get_suptitle()
+    whiskers = [tuple(float(y) for y in segment[:, 1]) for bars in ax.collections
+                if hasattr(bars, "get_segments")
+                for segment in bars.get_segments()]  # the base bars', from its ci
+    assert sorted(whiskers)[-2:] == [(0.0, 0.5), (0.5, 1.0)]
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend == ["base (unsteered)", "steered (same seeds)", "target share"]
 

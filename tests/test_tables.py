@@ -15,7 +15,8 @@ def write_run(directory, method, alpha, fd, clip_i, layers=("mid_block",), seed=
     directory.mkdir(parents=True)
     steered = {"fd": fd, "fd_pooled": fd / 5, "fd_soft": fd / 2, "kl": fd / 4,
                "deviation": fd / 3, "fid": fid, "kid": 0.01, "clip_t": 0.6, "clip_i": clip_i,
-               "n_images": 8, "n_undecided": 1}
+               "n_images": 8, "n_undecided": 1,
+               "ci": {"fd": [fd - 0.05, fd + 0.1], "clip_i": [clip_i - 0.01, clip_i + 0.01]}}
     hooked = alpha is not None
     (directory / "metrics.json").write_text(json.dumps({
         "model": "tiny_sd15", "concept": concept, "method": method, "alpha": alpha,
@@ -56,10 +57,11 @@ def test_debiasing_groups_by_every_varying_setting_and_averages_seeds_only(tmp_p
     assert icm[header.index("undecided")] == "0.125 ± 0.000"
     none = next(r for r in rows if r[header.index("method")] == "none")
     assert none[header.index("FID ↓")] == "0.000"  # not -0.000
+    assert none[header.index("FD ↓")] == "0.500 [0.450, 0.600]"  # one seed: its interval
     text = (tmp_path / "tables" / "debiasing.md").read_text()
     assert "Table: Labels: see the labeler column." in text and "probe.name logreg" in text
     csv = pd.read_csv(tmp_path / "tables" / "debiasing.csv")
-    assert {"FD ↓", "FD ↓ std"} <= set(csv.columns)
+    assert {"FD ↓", "FD ↓ std", "FD ↓ low", "FD ↓ high"} <= set(csv.columns)
     check_latex(tmp_path / "tables")
 
 
@@ -90,7 +92,7 @@ def test_comparison_table_has_the_papers_layout(tmp_path):
                              "age CLIP-I ↑", "gender FD ↓", "gender FID ↓", "gender CLIP-T ↑",
                              "gender CLIP-I ↑"]
     icm = next(r for r in comparison if r[1] == "icm")
-    assert (icm[3], icm[7]) == ("0.300", "0.100")  # one row despite per-concept layers
+    assert (icm[3], icm[7]) == ("0.300 [0.250, 0.400]", "0.100 [0.050, 0.200]")  # one row
     text = (tmp_path / "tables" / "debiasing.md").read_text()
     assert "Labels by clip (min_confidence 0.5)." in text
 

@@ -5,8 +5,11 @@ depend on (model, concept, method, layers, alpha, step_window, direction, units,
 probe_set, sampler, classes, target, seed, labeler, features, kid_subsets, denoiser_calls) and
 a `base` and a `steered` section:
 
-    "base":    {fd, fd_soft, kl, deviation, n_images, n_undecided, clip_t, per_prompt},
-    "steered": {... the same ..., clip_i, fid, kid, kid_std [, fid_reference, ...]}
+    "base":    {fd, fd_soft, kl, deviation, n_images, n_undecided, clip_t, per_prompt, ci},
+    "steered": {... the same ..., clip_i, fid, kid, kid_std [, fid_reference, ...], change_ci}
+
+`ci` holds bootstrap 95% intervals over images (`{metric: [low, high]}`), `change_ci` those of
+steered minus base (paired: the same resampled seeds on both sides).
 
 The per-image table (`<run>/evaluate/images.parquet`/`.csv`) adds clip_t and clip_i per image;
 `<run>/evaluate/distribution.png` charts the class shares per prompt with their FD.
@@ -28,7 +31,9 @@ from icm_lab.errors import UserError
 from icm_lab.figures import class_distribution
 from icm_lab.files import write_json, write_table
 from icm_lab.metrics import (
+    BOOTSTRAP,
     FEATURES,
+    bootstrap_fairness,
     clip_score,
     extract,
     fairness_by_prompt,
@@ -67,6 +72,9 @@ def evaluate(res: Resources, cfg: EvalConfig, steered: SteerResult, seed: int,
         after |= {"clip_t": float(table["clip_t"].mean()),
                   "clip_i": float(table["clip_i"].mean())}
         after |= quality(res, cfg, base_paths, steered_paths, seed)
+        intervals = bootstrap_fairness(table, SIDES, classes, target, seed)
+        base["ci"], after["ci"] = intervals["base"], intervals["steered"]
+        after["change_ci"] = intervals["change"]
         bar.update()
         bar.set_postfix_str("metrics.json and the chart")
         metrics = {**settings(res, cfg, plan, len(table), seed), "classes": classes,
@@ -81,6 +89,10 @@ def evaluate(res: Resources, cfg: EvalConfig, steered: SteerResult, seed: int,
     res.tracker.log_table("evaluate/images", table)
     log.info("evaluate: %s", json.dumps({k: round(v, 4) for k, v in summary.items()}))
     return metrics
+
+
+# Each side's label, probability prefix and weight column in the per-image table.
+SIDES = {"base": ("base_label", "base_p_", "base_weight"), "steered": ("label", "p_", "weight")}
 
 
 def clip_scores(clip: Clip, table: pd.DataFrame, base_images: Sequence, steered_images: Sequence
@@ -111,6 +123,8 @@ def settings(res: Resources, cfg: EvalConfig, plan: SteerPlan, n_images: int, se
         "features": features_description(res, cfg),
         "kid_subsets": {"size": kid_subset(n_images, n_images, cfg.kid_subset_size),
                         "count": cfg.kid_subsets},
+        "bootstrap": {**BOOTSTRAP, "seed": seed,
+                      "unit": "images, drawn with replacement within each prompt"},
     }
 
 
