@@ -1,10 +1,11 @@
 """Train/test splits for probing. By default grouped by prompt, so that no prompt sits on both
-sides; per-image stratified splitting (the paper's setting) is an option. Both are seeded."""
+sides; per-image stratified splitting (the paper's setting) is an option. One split or k folds;
+all are seeded."""
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 SPLITS = ("prompt", "image")
 
@@ -32,3 +33,20 @@ def split_indices(labels: np.ndarray, groups: np.ndarray, method: str, test_size
     folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     train, test = next(folds.split(positions, labels, groups))
     return train, test
+
+
+def fold_indices(labels: np.ndarray, groups: np.ndarray, method: str, folds: int,
+                 test_size: float, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`folds` pairs of `(train, test)` positions, shuffled and seeded, each position tested
+    once: stratified k-fold per image, or stratified group k-fold by prompt (no prompt on both
+    sides of a fold). `folds=1`: the single `test_size` split of `split_indices`."""
+    if folds == 1:
+        return [split_indices(labels, groups, method, test_size, seed)]
+    if method not in SPLITS:
+        raise ValueError(f"unknown split {method!r}; valid: {list(SPLITS)}")
+    positions = np.arange(len(labels))
+    if method == "image":
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        return list(splitter.split(positions, labels))
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return list(splitter.split(positions, labels, groups))

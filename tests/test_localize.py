@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -6,17 +8,18 @@ from hydra.utils import instantiate
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
 from icm_lab.artefacts import ArtefactMismatchError, Provenance, seal
-from icm_lab.errors import UserError
+from icm_lab.errors import ConfigError, UserError
 from icm_lab.models.layers import UnknownLayerError
-from icm_lab.probes import fit_probes, scores, targets
+from icm_lab.probes import Probe, fit_probes, scores, targets
 from icm_lab.probeset import ProbeSet
 from icm_lab.resources import Resources
 from icm_lab.runner import run
-from icm_lab.schema import section
+from icm_lab.schema import LocalizeConfig, section
 from icm_lab.selection import LayerSelection, rank_layers, step_window
-from icm_lab.splits import split_indices
-from icm_lab.stages.localize import localize
+from icm_lab.splits import fold_indices, split_indices
+from icm_lab.stages.localize import localize, localize_provenance
 from icm_lab.store import ActivationStore, StoreWriter
+from icm_lab.validation import validate
 from tests.conftest import make_config
 
 PLANTED = "up_blocks.1.attentions.0.transformer_blocks.0.attn1"
@@ -147,6 +150,25 @@ def test_split_needs_two_classes():
         split_indices(np.arange(10) % 2, np.arange(10), "person", 0.2, 0)
 
 
+@pytest.mark.parametrize("method", ["prompt", "image"])
+def test_folds_test_every_image_once_and_group_by_prompt(method):
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(40), 5)
+    labels = rng.integers(0, 2, len(groups))
+    folds = fold_indices(labels, groups, method, 5, 0.2, seed=3)
+    assert len(folds) == 5
+    assert sorted(np.concatenate([test for _, test in folds])) == list(range(len(groups)))
+    for train, test in folds:
+        assert sorted(np.concatenate([train, test])) == list(range(len(groups)))
+        assert 0.1 < labels[test].mean() / labels.mean() < 1.9  # both classes in every fold
+    shared = [bool(set(groups[train]) & set(groups[test])) for train, test in folds]
+    assert not any(shared) if method == "prompt" else all(shared)
+    again = fold_indices(labels, groups, method, 5, 0.2, seed=3)
+    other = fold_indices(labels, groups, method, 5, 0.2, seed=4)
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(folds, again, strict=True))
+    assert not all(np.array_equal(a, b) for (_, a), (_, b) in zip(folds, other, strict=True))
+
+
 def planted_store(root, registry, n=400, steps=10, seed=0) -> ActivationStore:
     """A store shaped like tiny_sd15's, with the label written into one layer from step 3 on."""
     rng = np.random.default_rng(seed)
@@ -187,7 +209,7 @@ def planted_localize(tmp_path, tiny, *overrides):
 
 
 def test_localize_ranks_the_planted_layer_first(tmp_path, tiny):
-    store, localize_stage = planted_localize(tmp_path, tiny)
+    store, localize_stage = planted_localize(tmp_path, tiny, "localize.folds=2")  # fast enough
     localization = localize_stage()
     probes = localization.probes
     assert localization.selected[0].name == PLANTED
@@ -205,6 +227,86 @@ def test_localize_ranks_the_planted_layer_first(tmp_path, tiny):
     for figure in ("layer_ranking.png", "localize/separability.png"):
         assert (tmp_path / "run" / figure).stat().st_size > 10_000
     assert len(pd.read_csv(probes.root / "scores.csv")) == 33 * 10
+
+
+def by_hand(store, step, folds):
+    """The mean_diff probe's balanced accuracy at the planted layer and `step` on each fold."""
+    y = (store.samples["label"] == "female").to_numpy().astype(int)  # gender: [male, female]
+    x = torch.from_numpy(store[PLANTED][:, step].astype(np.float32))[None]  # [1, N, W]
+    result = []
+    for train, test in folds:
+        fit = fit_probes("mean_diff", x[:, train], torch.as_tensor(y[train]), 2)
+        predicted = (fit.logits(x[:, test])[0, :, 0] > 0).long().numpy()
+        result.append(balanced_accuracy_score(y[test], predicted))
+    return np.array(result)
+
+
+def planted_folds(store, folds):
+    labels = (store.samples["label"] == "female").to_numpy().astype(int)
+    return fold_indices(labels, store.samples["prompt_id"].to_numpy(), "prompt", folds, 0.2, 0)
+
+
+def test_separability_is_the_mean_and_std_over_folds(tmp_path, tiny):
+    store, localize_stage = planted_localize(tmp_path, tiny, "probe=mean_diff",
+                                             "localize.folds=4")
+    table = localize_stage().probes.scores
+    assert (table["folds"] == 4).all()
+    assert {"balanced_accuracy_std", "accuracy", "accuracy_std", "auroc_std"} <= set(table)
+    planted = table[table["layer"] == PLANTED].set_index("step")
+    for step in (1, 5):  # no signal yet; the label written in
+        per_fold = by_hand(store, step, planted_folds(store, 4))
+        assert planted.loc[step, "balanced_accuracy"] == pytest.approx(per_fold.mean())
+        assert planted.loc[step, "balanced_accuracy_std"] == pytest.approx(per_fold.std(ddof=1))
+    assert planted.loc[5, "balanced_accuracy"] > 0.95
+    noise = table[table["layer"] != PLANTED]
+    assert noise["balanced_accuracy_std"].between(0.005, 0.3).mean() > 0.9  # folds do differ
+
+
+def test_one_fold_is_the_single_split_and_directions_use_every_image(tmp_path, tiny):
+    store, localize_stage = planted_localize(tmp_path, tiny, "probe=mean_diff",
+                                             "localize.folds=1")
+    probes = localize_stage().probes
+    planted = probes.scores[probes.scores["layer"] == PLANTED].set_index("step")
+    labels = (store.samples["label"] == "female").to_numpy().astype(int)
+    split = split_indices(labels, store.samples["prompt_id"].to_numpy(), "prompt", 0.2, 0)
+    assert (planted["n_train"] == len(split[0])).all() and (planted["folds"] == 1).all()
+    for step in (1, 5):
+        assert planted.loc[step, "balanced_accuracy"] == pytest.approx(
+            by_hand(store, step, [split])[0])
+    assert planted["balanced_accuracy_std"].isna().all()
+    every = fit_probes("mean_diff", torch.from_numpy(np.array(store[PLANTED])).transpose(0, 1),
+                       torch.as_tensor(labels), 2)  # all images, not the training split
+    torch.testing.assert_close(probes.directions(PLANTED, "mean_diff"), every.directions(2))
+
+
+def test_more_folds_than_a_class_has_prompts_are_refused(tmp_path, tiny):
+    _, localize_stage = planted_localize(tmp_path, tiny, "localize.folds=21")
+    with pytest.raises(UserError) as refused:
+        localize_stage()
+    assert str(refused.value).startswith(
+        "localize.folds=21 needs at least 21 prompts of each decided class (split=prompt); "
+        "found {'female': 20, 'male': 20}")
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("bad", ["0", "-2"])
+def test_bad_folds_are_refused_at_validation(bad):
+    with pytest.raises(ConfigError, match=rf"^localize.folds={bad} must be 1 \(one split of "
+                                          r"localize.test_size\) or an integer >= 2 \(k-fold\)$"):
+        validate(make_config(f"localize.folds={bad}"))
+
+
+def test_the_localize_fingerprint_holds_the_folds():
+    res = SimpleNamespace(model=SimpleNamespace(name="toy"), concept=SimpleNamespace(name="color"))
+    store = SimpleNamespace(meta={"provenance": {"fingerprint": "collected"}})
+
+    def fingerprint(**options):
+        return localize_provenance(res, LocalizeConfig(**options), Probe("mean_diff"), store,
+                                   0).fingerprint
+
+    assert len({fingerprint(folds=5), fingerprint(folds=2), fingerprint(folds=1)}) == 3
+    assert fingerprint(folds=5, test_size=0.3) == fingerprint(folds=5)  # unused by k folds
+    assert fingerprint(folds=1, test_size=0.3) != fingerprint(folds=1)
 
 
 def test_probe_artefacts_round_trip_and_refuse_mismatches(tmp_path, tiny):

@@ -1,8 +1,9 @@
 """Localize: where does the model make the implicit choice?
 
 Implicit (the paper's map): for every (layer, step), a linear probe predicts each image's label
-from the recorded activation; its held-out balanced accuracy is the layer's separability at that
-step. All probes of one width are fitted as a batch, each layer's store read once.
+from the recorded activation; its held-out balanced accuracy, averaged over `localize.folds`
+folds, is the layer's separability at that step. All probes of one width are fitted as a batch,
+each layer's store read once.
 
 Explicit-swap baseline (`localize.method=explicit_swap`): for each attn2 layer in turn, the text
 context reaching only that layer is replaced by an explicit class prompt's, and the share of
@@ -36,7 +37,7 @@ from icm_lab.resources import Resources
 from icm_lab.sampling import sample_plan
 from icm_lab.schema import LocalizeConfig
 from icm_lab.selection import LayerSelection, rank_layers
-from icm_lab.splits import split_indices
+from icm_lab.splits import fold_indices
 from icm_lab.store import ActivationStore
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ def localize_provenance(res: Resources, cfg: LocalizeConfig, probe: Probe,
         stage="localize", model=res.model.name, concept=res.concept.name,
         fingerprint=fingerprint(collect=store.meta["provenance"]["fingerprint"],
                                 probe={"name": probe.name, **probe.options}, split=cfg.split,
-                                test_size=cfg.test_size, seed=seed,
+                                folds=cfg.folds,  # test_size only shapes the single split
+                                test_size=cfg.test_size if cfg.folds == 1 else None, seed=seed,
                                 layout=ProbeSet.LAYOUT),
     )
 
@@ -108,34 +110,54 @@ def _fit_and_report(res: Resources, cfg: LocalizeConfig, probe: Probe, store: Ac
                         f"classes; the store at {store.root} has {counts.to_dict()}. Collect "
                         "more images (collect.n_images) or lower labeler.min_confidence.")
     y = np.array([classes.index(label) for label in labels])
-    train, test = split_indices(y, samples["prompt_id"].to_numpy()[decided], cfg.split,
-                                cfg.test_size, seed)
-    log.info("localize: %d images (%d undecided left out), %d train / %d test, split by %s",
-             len(samples), len(samples) - len(decided), len(train), len(test), cfg.split)
-    fits, mean_diffs, tables = fit_all_layers(probe, store, decided, y, train, test,
-                                              len(classes))
+    groups = samples["prompt_id"].to_numpy()[decided]
+    check_folds(cfg, labels, groups)
+    folds = fold_indices(y, groups, cfg.split, cfg.folds, cfg.test_size, seed)
+    log.info("localize: %d images (%d undecided left out), %d fold(s) of about %d train / %d "
+             "test, split by %s", len(samples), len(samples) - len(decided), len(folds),
+             len(folds[0][0]), len(folds[0][1]), cfg.split)
+    fits, mean_diffs, tables = fit_all_layers(probe, store, decided, y, folds, len(classes))
     table = pd.concat(tables, ignore_index=True)
+    held_out = f"mean over {len(folds)} folds" if len(folds) > 1 else "one held-out split"
     separability_heatmaps(table, root / "separability.png", chance=1 / len(classes),
                           title=f"{res.model.name}, {res.concept.name}: how well a linear probe "
-                                f"reads the {len(classes)} classes from each layer and step")
+                                f"reads the {len(classes)} classes from each layer and step "
+                                f"({held_out})")
     return ProbeSet.write(root, provenance, classes, probe.name, fits, mean_diffs, table,
                           store)
 
 
+def check_folds(cfg: LocalizeConfig, labels: np.ndarray, groups: np.ndarray) -> None:
+    """Refuse k folds that some class cannot fill: each class needs `folds` images (split=image)
+    or `folds` prompts (split=prompt), so that every fold can test it."""
+    if cfg.folds == 1:
+        return
+    unit = "images" if cfg.split == "image" else "prompts"
+    units = groups if cfg.split == "prompt" else np.arange(len(labels))
+    per_class = pd.Series(units).groupby(labels).nunique()
+    if per_class.min() < cfg.folds:
+        raise UserError(f"localize.folds={cfg.folds} needs at least {cfg.folds} {unit} of each "
+                        f"decided class (split={cfg.split}); found {per_class.to_dict()}: lower "
+                        "localize.folds, collect more images (collect.n_images) or use "
+                        "localize.split=image")
+
+
 def fit_all_layers(probe: Probe, store: ActivationStore, decided: np.ndarray, y: np.ndarray,
-                   train: np.ndarray, test: np.ndarray, n_classes: int):
-    """Fit every (layer, step) probe, batching the layers of one width up to `probe.batch_mb`."""
+                   folds: list[tuple[np.ndarray, np.ndarray]], n_classes: int):
+    """Score every (layer, step) probe on each fold, then fit it on all decided images: those
+    probes (weights, and directions for steering) are what the probe set keeps. Layers of one
+    width are batched up to `probe.batch_mb`, each read once."""
     device = resolve_device(probe.device)
-    y_train = torch.as_tensor(y[train], device=device)
-    y_test = torch.as_tensor(y[test], device=device)
+    y_all = torch.as_tensor(y, device=device)
     fits, mean_diffs, tables = {}, {}, []
     for batch in tqdm(_layer_batches(store, probe.batch_mb), desc="localize", unit="batch"):
-        x_train = _probes(store, batch, decided[train], device)
-        fit = probe.fit(x_train, y_train, n_classes)
+        x = _probes(store, batch, decided, device)
+        result = fold_scores(probe, x, y_all, folds, n_classes)
+        # The folds only score. The saved probes and the steering directions (w / sigma and
+        # mean_diff) are fitted afterwards on every decided image.
+        fit = probe.fit(x, y_all, n_classes)
         mean_diff = fit if probe.name == "mean_diff" else fit_probes(  # for steer.direction
-            "mean_diff", x_train, y_train, n_classes)
-        result = scores(fit.logits(_probes(store, batch, decided[test], device)), y_test,
-                        n_classes)
+            "mean_diff", x, y_all, n_classes)
         for i, layer in enumerate(batch):
             rows = slice(i * store.n_steps, (i + 1) * store.n_steps)
             fits[layer.name] = fit.rows(rows)
@@ -143,10 +165,32 @@ def fit_all_layers(probe: Probe, store: ActivationStore, decided: np.ndarray, y:
             tables.append(pd.DataFrame({
                 "layer": layer.name, "kind": layer.kind, "width": layer.width,
                 "step": np.arange(store.n_steps),
-                **{k: v[rows].cpu().numpy() for k, v in result.items()},
-                "n_train": len(train), "n_test": len(test),
+                **{k: v[rows] for k, v in result.items()},
+                "folds": len(folds),
+                "n_train": round(np.mean([len(train) for train, _ in folds])),
+                "n_test": round(np.mean([len(test) for _, test in folds])),
             }))
     return fits, mean_diffs, tables
+
+
+def fold_scores(probe: Probe, x: torch.Tensor, y: torch.Tensor,
+                folds: list[tuple[np.ndarray, np.ndarray]], n_classes: int
+                ) -> dict[str, np.ndarray]:
+    """Each score's mean over the folds and, as `<score>_std`, its standard deviation over them
+    (ddof 1; NaN for one fold), each `[P]`. One solver call per fold: a call shares one sample
+    set and one label vector across all its probes, and the folds differ in both."""
+    per_fold = []
+    for train, test in folds:
+        train, test = (torch.as_tensor(i, device=x.device) for i in (train, test))
+        fit = probe.fit(x[:, train], y[train], n_classes)
+        per_fold.append(scores(fit.logits(x[:, test]), y[test], n_classes))
+    result = {}
+    for name in per_fold[0]:
+        values = torch.stack([fold[name] for fold in per_fold]).cpu().numpy()  # [k, P]
+        result[name] = np.nanmean(values, axis=0)
+        result[f"{name}_std"] = (np.nanstd(values, axis=0, ddof=1) if len(folds) > 1
+                                 else np.full(values.shape[1], np.nan))
+    return result
 
 
 def _probes(store: ActivationStore, batch: list[LayerInfo], rows: np.ndarray,
