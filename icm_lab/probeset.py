@@ -12,7 +12,8 @@
                                                                (`projection_std`): the unit of
                                                                `steer.units=sigma`
                          metadata `icm_lab`: provenance, classes, backend (JSON)
-    scores.parquet/.csv  one row per (layer, step): balanced_accuracy, accuracy, auroc, ...
+    scores.parquet/.csv  one row per (layer, step): balanced_accuracy, accuracy, auroc (means
+                         over the folds), each with <score>_std, folds, ...
     meta.json            classes, backend, layers, steps
     manifest.json        every file's size and hash, written last: the artefact is complete
 """
