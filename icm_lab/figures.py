@@ -280,9 +280,11 @@ def causal_heatmaps(table: pd.DataFrame, order: list[str], column: str, path: Pa
         previous = names
         ax.set_title(KIND_NAMES.get(kind, kind), fontsize=FONT + 2)
     fig.colorbar(image, ax=fig.axes, shrink=0.9, label="shift of the target-class rate")
-    fig.suptitle(f"{title or 'Causal effect per layer'}\ncolumns: the class steered toward "
-                 "(mean: over classes); value: steered − unsteered share of images showing it, "
-                 "same seeds; *: 95% interval excludes 0", fontsize=FONT + 1)
+    what = ("columns: the class steered toward (mean: over classes)" if column == "class" else
+            f"columns: the {column} steered; value: mean over classes")
+    fig.suptitle(f"{title or 'Causal effect per layer'}\n{what}; shift: steered − unsteered "
+                 "share of images showing the target, same seeds; *: 95% interval excludes 0",
+                 fontsize=FONT + 1)
     write_figure(fig, path, dpi=120)
     plt.close(fig)
     return path

@@ -181,12 +181,13 @@ def test_naive_count():
 # -- end to end on the toy world ---------------------------------------------------------------
 
 TINY = ["model=toy", "concept=color", "labeler=oracle", "model.steps=6", "collect.n_images=64",
-        "causal.n_images=2", "eval.n_images_per_prompt=2", "layers.k=2"]
+        "causal.n_images=2", "causal.thirds=true", "eval.n_images_per_prompt=2", "layers.k=2"]
 
 
 @pytest.fixture(scope="module")
 def mapped(tmp_path_factory):
-    """collect, localize, the causal map and steering by it, once on a small toy run."""
+    """collect, localize, the causal map (with thirds) and steering by it, once on a small toy
+    run."""
     root = tmp_path_factory.mktemp("causal")
     cfg = make_config(f"paths.root={root}", *TINY, "stages=[collect,localize,causal,steer]",
                       "layers.rank_by=causal")
@@ -200,16 +201,22 @@ def test_the_map_covers_every_layer_and_class_and_costs_less_than_naive(mapped):
     causal_map = results["causal"]
     table, meta = causal_map.table, causal_map.meta
     assert len(meta["layers"]) == 21  # the toy's 10 attn1, 10 attn2 and its bottleneck
-    assert len(table) == 21 * (4 + 1)
+    assert len(table) == 4 * 21 * (4 + 1)  # windows x layers x (classes + mean)
+    assert meta["windows"] == {STEERING: [1, 6], "early": [0, 2], "middle": [2, 4],
+                               "late": [4, 6]}
     assert set(table["class"]) == {"red", "green", "blue", "yellow", ALL_CLASSES}
     assert (table.groupby("kind")["layer"].nunique().to_dict()
             == {"attn1": 10, "attn2": 10, "bottleneck": 1})
     assert ((table["ci_low"] <= table["effect"]) & (table["effect"] <= table["ci_high"])).all()
     assert (table["n"] == 2).all()
-    # base: 1 batch x 6 steps; 21 x 4 x 2 = 168 steered samples: 3 batches x 5 steps
-    assert meta["denoiser_calls"] == 6 + 3 * 5 < meta["naive_calls"] == 21 * 4 * 2 * 6
+    # Base images: 1 batch x 6 steps, writing the prefix at step 1; 21 x 4 x 2 = 168 steered
+    # samples a window: 3 batches, each continuing from its window's start. The early third
+    # starts at step 0 (no prefix); the middle and late ones first cache theirs (6 calls each).
+    windows = 6 + 3 * 5 + 3 * 6 + (6 + 3 * 4) + (6 + 3 * 2)
+    assert meta["denoiser_calls"] == windows < meta["naive_calls"] == 21 * 4 * 2 * 6 * 4
     assert meta["plan"]["start"] == 1 and meta["plan"]["method"] == "icm"
-    for name in ("causal.png", "causal_vs_separability.png", "causal.csv", "manifest.json"):
+    for name in ("causal.png", "causal_vs_separability.png", "causal_windows.png", "causal.csv",
+                 "manifest.json"):
         assert (causal_map.root / name).stat().st_size > 0
     assert (root / "run" / "causal").resolve() == causal_map.root.resolve()
 
@@ -217,7 +224,8 @@ def test_the_map_covers_every_layer_and_class_and_costs_less_than_naive(mapped):
 @pytest.mark.slow
 def test_rank_by_causal_steers_the_layers_with_the_largest_effect(mapped):
     root, results = mapped
-    expected = rank_effects(results["causal"].table.query("kind == 'attn1'"))["layer"][:2]
+    table = results["causal"].table
+    expected = rank_effects(table[table["kind"] == "attn1"])["layer"][:2]
     assert results["steer"].plan.layers == list(expected)
     selected = json.loads((root / "run" / "selected_layers.json").read_text())
     assert selected["layers"] == list(expected) and selected["rank_by"] == "causal"

@@ -117,12 +117,11 @@ def _measure_and_report(res: Resources, cfg: CausalConfig, steer_cfg: SteerConfi
     classes = list(res.concept.classes)
     plan = sample_plan(res.concept.neutral_prompts, cfg.n_images, cfg.seed + CAUSAL_SEED_OFFSET)
     calls, started = res.denoiser_calls(), time.perf_counter()
-    base = None
+    base = label_table(plan, res.labeler(base_images(res, plan, windows[STEERING].start)))
     steered = []
     for name, window in windows.items():
-        images = base_images(res, plan, window.start)
-        if base is None:  # the same images for every window: label them once
-            base = label_table(plan, res.labeler(images))
+        if name != STEERING:
+            cache_prefix(res, plan, window.start)
         steered.append(steer_layers(res, steer_cfg, cfg.seed, probes, layers, plan, window)
                        .assign(window=name))
     steered = pd.concat(steered, ignore_index=True)
@@ -165,6 +164,17 @@ def base_images(res: Resources, plan: pd.DataFrame, start: int) -> list:
     prompts, seeds = list(plan["prompt"]), list(plan["seed"])
     return res.generator.all(prompts, seeds, desc="causal: base images",
                              prefix=res.prefix(prompts, seeds, start))
+
+
+def cache_prefix(res: Resources, plan: pd.DataFrame, start: int) -> None:
+    """The cached prefix of the plan's unsteered images at `start` (another window's), generated
+    unless it exists or cannot be (start 0, or a scheduler with state)."""
+    prompts, seeds = list(plan["prompt"]), list(plan["seed"])
+    prefix, size = res.prefix(prompts, seeds, start), res.model.batch_size
+    if prefix is not None and not all(prefix.path(first, min(first + size, len(plan))).exists()
+                                      for first in range(0, len(plan), size)):
+        res.generator.all(prompts, seeds, desc=f"causal: prefix of steps 0-{start - 1}",
+                          prefix=prefix)
 
 
 def label_table(plan: pd.DataFrame, labels: Labels) -> pd.DataFrame:
