@@ -19,7 +19,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from icm_lab.errors import ConfigError, choices_error
 
-STAGES = ("collect", "localize", "steer", "evaluate")  # in data-flow order
+STAGES = ("collect", "localize", "causal", "steer", "evaluate")  # in data-flow order
+DEFAULT_STAGES = ("collect", "localize", "steer", "evaluate")  # causal: asked for, or rank_by
+RANK_BY = ("separability", "causal")  # layers=auto ranks by probe score or by causal effect
 LAYER_KINDS = ("attn1", "attn2", "bottleneck")
 STEER_UNITS = ("raw", "sigma")  # steer.units: what alpha counts (steering.calibrated_scale)
 
@@ -79,6 +81,31 @@ class LocalizeConfig:
 
 
 @dataclass
+class CausalConfig:
+    """The causal map: each candidate layer alone steered toward each class (conf: alpha and the
+    window follow steer's, the seed the run's)."""
+
+    n_images: int = 32  # per class: the same images are steered toward every class
+    alpha: float = 15.0
+    start: float = 0.3
+    end: float | None = None
+    thirds: bool = False  # also steer in the early, middle and late thirds of all steps
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _count("causal.n_images", self.n_images)
+        if not math.isfinite(self.alpha):
+            raise ConfigError(f"causal.alpha={self.alpha!r} must be a finite number")
+        _fraction("causal.start", self.start, 0.0, 1.0)
+        if self.end is not None:
+            _fraction("causal.end", self.end, 0.0, 1.0)
+        if self.start >= (1.0 if self.end is None else self.end):
+            raise ConfigError(f"causal.start={self.start} must be below causal.end="
+                              f"{self.end} (null: 1.0)")
+        _count("causal.seed", self.seed, minimum=0)
+
+
+@dataclass
 class SteerConfig:
     alpha: float = 15.0
     start: float = 0.3
@@ -127,12 +154,17 @@ class LayersConfig:
     select: Any = "auto"  # auto, a layer kind, all, or a list of layer names
     kind: str = "attn1"  # layers=auto: the kind ranked
     k: int = 3  # layers=auto: how many
+    rank_by: str = "separability"  # layers=auto: separability or causal (the causal map)
 
     def __post_init__(self) -> None:
         if isinstance(self.select, str):
             _choice("layers.select", self.select, ("auto", "all", *LAYER_KINDS))
         _choice("layers.kind", self.kind, LAYER_KINDS)
         _count("layers.k", self.k)
+        _choice("layers.rank_by", self.rank_by, RANK_BY)
+        if self.rank_by != "separability" and self.select != "auto":
+            raise ConfigError(f"layers.rank_by={self.rank_by} ranks the layers of layers=auto; "
+                              f"layers.select={self.select!r} is not ranked")
 
 
 OBJECTIVE_METRICS = ("fd", "fd_soft", "kl", "deviation", "clip_t", "clip_i", "fid", "kid")
@@ -151,10 +183,11 @@ class ObjectiveConfig:
 
 @dataclass
 class Config:
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     seed: int = 0
     collect: CollectConfig = field(default_factory=CollectConfig)
     localize: LocalizeConfig = field(default_factory=LocalizeConfig)
+    causal: CausalConfig = field(default_factory=CausalConfig)
     steer: SteerConfig = field(default_factory=SteerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     layers: LayersConfig = field(default_factory=LayersConfig)
@@ -170,7 +203,10 @@ class Config:
     paths: Any = MISSING
 
 
+# Checked in this order: steer before causal, whose alpha and window default to steer's (a bad
+# steer.alpha is reported as steer's).
 SECTIONS = {"collect": CollectConfig, "localize": LocalizeConfig, "steer": SteerConfig,
+            "causal": CausalConfig,
             "eval": EvalConfig, "layers": LayersConfig, "objective": ObjectiveConfig}
 
 
