@@ -40,6 +40,8 @@ GUIDE = [  # what a run leaves to look at, relative to its directory
     ("metrics", "metrics.json"),
     ("separability heatmaps", "localize/separability.png"),
     ("layer ranking", "layer_ranking.png"),
+    ("causal map", "causal/causal.png"),
+    ("causal vs separability", "causal/causal_vs_separability.png"),
     ("before/after grids", "steer/grids"),
     ("steering plan", "steer/plan.json"),
     ("class distribution", "evaluate/distribution.png"),

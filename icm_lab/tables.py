@@ -6,7 +6,8 @@ Reads every run directory under `--root` (single runs and multirun jobs alike: a
 a `metrics.json` or a `localize` link) and writes, as Markdown, LaTeX (booktabs) and CSV, with
 the same column names in all three (`COLUMNS`):
 - `localization`: per probe set (model, concept, probe backend, fingerprint) and layer kind,
-  the best and mean separability (balanced accuracy) and the top layers by mean over steps;
+  the best separability (balanced accuracy, ± its std over localize.folds), the mean, and the
+  top layers by mean over steps;
 - `debiasing`: a row per group of runs with the same settings: model, concept, method, alpha
   and every other setting that differs between the runs read (named as columns, e.g.
   `labeler`, `probe.name`, `layers`, `steps`); FD, FD pooled, FD_soft, KL, deviation, the
@@ -54,8 +55,8 @@ LAYER_KEY = short_name_key()
 # Settings read from each run's config.yaml beyond what metrics.json records: the ones that
 # change the numbers (the probe, the collection, the split, the selection, the policy).
 CONFIG_SETTINGS = ("probe.name", "probe.C", "probe.tol", "collect.n_images", "localize.split",
-                   "localize.test_size", "localize.folds", "layers.rank_by", "steer.policy",
-                   "steer.units", "eval.n_images_per_prompt", "eval.features")
+                   "localize.test_size", "localize.folds", "steer.policy",
+                   "eval.n_images_per_prompt")
 LEADING = ["model", "concept", "method", "alpha"]  # always shown, in this order
 REPLICATE = "seed"  # runs that differ only in the seed are repeats: mean ± std over them
 
@@ -111,6 +112,7 @@ def _recorded_settings(metrics: dict) -> dict[str, str]:
     return {
         "steps": f"{window['first']}-{window['last']}" if window else "-",
         "direction": metrics.get("direction") or "-",
+        "units": metrics.get("units") or "-",
         "halves": metrics.get("halves") or "-",
         "renorm": str(metrics.get("renorm", "-")),
         "sampler": " ".join(f"{v}" for v in (metrics.get("sampler") or {}).values()) or "-",
@@ -176,10 +178,12 @@ def localization_table(root: Path) -> pd.DataFrame:
         for kind, rows_of_kind in scores.groupby("kind"):
             per_layer = rows_of_kind.groupby("layer")["balanced_accuracy"].mean()
             top = per_layer.sort_values(ascending=False).head(3)
+            best = rows_of_kind.loc[rows_of_kind["balanced_accuracy"].idxmax()]
             rows.append({
                 "model": provenance["model"], "concept": provenance["concept"],
                 "probe": meta["backend"], "probe_set": provenance["fingerprint"], "kind": kind,
-                "best": rows_of_kind["balanced_accuracy"].max(),
+                "best": best["balanced_accuracy"],
+                "best_std": best.get("balanced_accuracy_std", float("nan")),  # over folds
                 "mean": rows_of_kind["balanced_accuracy"].mean(),
                 "top_layers": ", ".join(f"{short_name(n)} ({v:.2f})" for n, v in top.items()),
             })

@@ -108,7 +108,9 @@ def test_tables_from_synthetic_run_directories(tmp_path):
     pd.DataFrame({"layer": ["mid_block.attentions.0.transformer_blocks.0.attn1"] * 2
                   + ["up_blocks.1.attentions.0.transformer_blocks.0.attn2"] * 2,
                   "kind": ["attn1", "attn1", "attn2", "attn2"], "step": [0, 1, 0, 1],
-                  "balanced_accuracy": [0.6, 0.9, 0.5, 0.7]}).to_parquet(probes / "scores.parquet")
+                  "balanced_accuracy": [0.6, 0.9, 0.5, 0.7],  # mean over folds, and std:
+                  "balanced_accuracy_std": [0.1, 0.05, 0.02, 0.03]}).to_parquet(
+        probes / "scores.parquet")
     (probes / "meta.json").write_text(json.dumps({"backend": "logreg", "provenance": {
         "model": "tiny_sd15", "concept": "gender", "fingerprint": "f1"}}))
     for job in ("0", "1"):  # two jobs link the same probe set: counted once
@@ -123,9 +125,9 @@ def test_tables_from_synthetic_run_directories(tmp_path):
     assert localization[0] == ["model", "concept", "probe", "probe set", "kind",
                                "best bal. acc. ↑", "mean bal. acc. ↑",
                                "top layers (mean bal. acc.)"]
-    assert ["tiny_sd15", "gender", "logreg", "f1", "attn1", "0.900", "0.750",
+    assert ["tiny_sd15", "gender", "logreg", "f1", "attn1", "0.900 ± 0.050", "0.750",
             "mid.a0.t0 (0.75)"] in localization
-    assert ["tiny_sd15", "gender", "logreg", "f1", "attn2", "0.700", "0.600",
+    assert ["tiny_sd15", "gender", "logreg", "f1", "attn2", "0.700 ± 0.030", "0.600",
             "up1.a0.t0 (0.60)"] in localization
     assert len(tables["localization"]) == 2
     sweep = tables["alpha_sweep"]
