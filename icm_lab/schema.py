@@ -107,13 +107,13 @@ class CausalConfig:
 
 @dataclass
 class SteerConfig:
-    alpha: float = 15.0
+    alpha: float = 16.0
     start: float = 0.3
     end: float | None = None
     halves: str = "cond"
     renorm: bool = False
     direction: str = "mean_diff"
-    units: str = "raw"  # raw: alpha itself; sigma: alpha standard deviations
+    units: str = "sigma"  # raw: alpha itself; sigma: alpha standard deviations
     policy: str = "all"
     probes: str | None = None
 
