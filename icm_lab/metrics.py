@@ -91,47 +91,62 @@ def fairness_by_prompt(table: pd.DataFrame, label: str, prob_prefix: str,
 
 
 BOOTSTRAP = {"resamples": 1000, "level": 0.95}  # percentile intervals (docs/metrics.md)
-CI_METRICS = ("fd", "fd_pooled", "fd_soft", "kl", "deviation")
+# FD-type metrics get intervals for the true distance (see `bootstrap_fairness`); KL and
+# deviation get none: their plug-in estimates are biased upward near zero just the same, and no
+# correction as simple exists.
+CI_METRICS = ("fd", "fd_pooled", "fd_soft", "clip_t", "clip_i")
 
 
 def bootstrap_fairness(table: pd.DataFrame, sides: dict[str, tuple[str, str, str | None]],
                        classes: Sequence[str], target: np.ndarray, seed: int,
                        resamples: int = BOOTSTRAP["resamples"],
                        level: float = BOOTSTRAP["level"]) -> dict[str, dict]:
-    """Percentile bootstrap intervals of the fairness metrics over images: each resample draws
-    every prompt's images with replacement (the prompts stay as they are, as FD averages them),
-    and the same draw serves every side (base and steered images share seeds, so their
-    difference is paired). `sides`: name -> (label column, probability prefix, weight column).
-    Per side `{metric: [low, high]}` for CI_METRICS and the per-image means of `clip_t` and
-    `clip_i` when the table has them (`<side>` prefix `base_` reads `base_clip_t`), plus
-    `change` (steered - base) when both sides are given; `per_prompt` holds each prompt's class
-    shares' intervals."""
+    """Percentile bootstrap 95% intervals over images. Each resample draws every prompt's images
+    with replacement (prompts stay as they are, as FD averages them), and one draw serves every
+    side (base and steered images share seeds, so their difference is paired). `sides`: name
+    -> (label column, probability prefix, weight column).
+
+    FD is a distance, so sampling noise only adds to it: E[FD^2] = FD_true^2 + sum_k Var(f_k),
+    and with 32 images a prompt a perfectly fair model shows FD ~0.15. A percentile interval of
+    FD itself would sit above the truth (and often above the estimate). The intervals of `fd`,
+    `fd_pooled` and `fd_soft` are therefore those of the true distance: each resample's
+    sqrt(max(0, FD^2 - unbiased estimate of sum_k Var(f_k))). They can lie below the printed
+    FD, the plug-in estimate of the paper's definition. `clip_t`, `clip_i` and the class shares
+    (`per_prompt`) are plain means. Per side `{metric: [low, high]}`, and `change` (steered -
+    base) when both sides are given."""
     rng = np.random.default_rng(seed)
     draws = {prompt: rng.integers(0, len(rows), (resamples, len(rows)))
              for prompt, rows in table.groupby("prompt", sort=False)}
     values = {name: _resampled(table, draws, *columns, classes, target)
               for name, columns in sides.items()}
     tails = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
-    out = {name: {key: np.nanpercentile(v, tails).tolist() for key, v in metrics.items()
-                  if key != "shares"} for name, metrics in values.items()}
-    for name, metrics in values.items():
+
+    def interval(v: np.ndarray) -> list[float]:
+        return np.nanpercentile(v, tails).tolist()
+
+    out = {name: {key: interval(v[f"{key}_true"] if f"{key}_true" in v else v[key])
+                  for key in CI_METRICS if key in v} for name, v in values.items()}
+    for name, v in values.items():
         out[name]["per_prompt"] = {prompt: np.nanpercentile(shares, tails, axis=0).T.tolist()
-                                   for prompt, shares in metrics["shares"].items()}
+                                   for prompt, shares in v["shares"].items()}
     if {"base", "steered"} <= set(values):
-        out["change"] = {key: np.nanpercentile(values["steered"][key] - values["base"][key],
-                                               tails).tolist()
-                         for key in values["steered"] if key in values["base"]
-                         and key != "shares"}
+        after, before = values["steered"], values["base"]
+        out["change"] = {key: interval(after.get(f"{key}_true", after[key])
+                                       - before.get(f"{key}_true", before[key]))
+                         for key in CI_METRICS if key in after and key in before}
     return out
 
 
 def _resampled(table: pd.DataFrame, draws: dict[str, np.ndarray], label: str, prefix: str,
                weight: str | None, classes: Sequence[str], target: np.ndarray
                ) -> dict[str, np.ndarray]:
-    """The metrics of every resample, `[resamples]` each (per-prompt metrics averaged over
-    prompts, as `fairness_by_prompt`), and each prompt's class shares `[resamples, K]`."""
-    per_prompt, pooled_counts, pooled_soft, pooled_weight, shares = [], 0.0, 0.0, 0.0, {}
-    clip = {c: [] for c in ("clip_t", "clip_i") if f"{prefix.removesuffix('p_')}{c}" in table}
+    """Every resample's metrics, `[resamples]` each: the plug-in ones as `fairness_by_prompt`
+    computes them (per prompt, averaged), `<fd key>_true` the noise-corrected distances, the
+    per-image means of `clip_t`/`clip_i` where the table has them for this side (prefix
+    `base_p_` reads `base_clip_t`), and each prompt's class shares `[resamples, K]`."""
+    per_prompt, shares, pooled = [], {}, {"counts": 0.0, "soft": 0.0, "mass": 0.0, "var": 0.0}
+    side = prefix.removesuffix("p_")
+    clip = {c: [] for c in ("clip_t", "clip_i") if f"{side}{c}" in table}
     for prompt, rows in table.groupby("prompt", sort=False):
         idx = draws[prompt]
         onehot = np.stack([(rows[label] == k).to_numpy(float) for k in classes], axis=1)
@@ -139,20 +154,48 @@ def _resampled(table: pd.DataFrame, draws: dict[str, np.ndarray], label: str, pr
         has = ~np.isnan(probs).all(axis=1)
         w = (rows[weight].to_numpy(float) if weight in rows else has.astype(float)) * has
         counts = onehot[idx].sum(axis=1)  # [B, K]
-        soft, mass = (np.nan_to_num(probs) * w[:, None])[idx].sum(axis=1), w[idx].sum(axis=1)
-        per_prompt.append(_fairness_arrays(counts, soft, mass, target))
-        shares[prompt] = per_prompt[-1]["f"]
-        pooled_counts, pooled_soft, pooled_weight = (pooled_counts + counts, pooled_soft + soft,
-                                                     pooled_weight + mass)
+        wp = np.nan_to_num(probs) * w[:, None]
+        sums = {"soft": wp[idx].sum(axis=1), "mass": w[idx].sum(axis=1),
+                "w2p": (wp * w[:, None])[idx].sum(axis=1),
+                "w2p2": (wp ** 2)[idx].sum(axis=1), "w2": (w ** 2)[idx].sum(axis=1),
+                "rows": (w > 0)[idx].sum(axis=1)}
+        metrics = _fairness_arrays(counts, sums["soft"], sums["mass"], target)
+        metrics |= _true_distances(metrics, counts, sums, target)
+        per_prompt.append(metrics)
+        shares[prompt] = metrics["f"]
+        decided = counts.sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):  # Var of the pooled count
+            var = (decided[:, None] ** 2 * metrics["f"] * (1 - metrics["f"])).sum(axis=1) / (
+                decided - 1)
+        pooled = {"counts": pooled["counts"] + counts, "soft": pooled["soft"] + sums["soft"],
+                  "mass": pooled["mass"] + sums["mass"], "var": pooled["var"] + var}
         for c in clip:
-            clip[c].append(rows[f"{prefix.removesuffix('p_')}{c}"].to_numpy(float)[idx])
+            clip[c].append(rows[f"{side}{c}"].to_numpy(float)[idx])
     with np.errstate(invalid="ignore"):
         result = {key: np.nanmean([m[key] for m in per_prompt], axis=0)
-                  for key in ("fd", "fd_soft", "kl", "deviation")}
-    pooled = _fairness_arrays(pooled_counts, pooled_soft, pooled_weight, target)
-    result["fd_pooled"] = pooled["fd"]
+                  for key in ("fd", "fd_soft", "kl", "deviation", "fd_true", "fd_soft_true")}
+        whole = _fairness_arrays(pooled["counts"], pooled["soft"], pooled["mass"], target)
+        n = pooled["counts"].sum(axis=1)
+        result["fd_pooled"] = whole["fd"]
+        result["fd_pooled_true"] = np.sqrt(np.maximum(0, whole["fd"] ** 2 - pooled["var"] / n**2))
     result |= {c: np.concatenate(v, axis=1).mean(axis=1) for c, v in clip.items()}
     return {**result, "shares": shares}
+
+
+def _true_distances(metrics: dict[str, np.ndarray], counts: np.ndarray,
+                    sums: dict[str, np.ndarray], target: np.ndarray) -> dict[str, np.ndarray]:
+    """FD and FD_soft less the noise sampling adds: sqrt(max(0, d^2 - unbiased sum_k Var)), with
+    Var(f_k) estimated by f_k (1 - f_k) / (n - 1) and Var(p_k) by the weighted mean's
+    sum_i w_i^2 (p_ik - p_k)^2 / (sum w)^2 * m / (m - 1) over the m images with a reading."""
+    f, n = metrics["f"], counts.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hard = (f * (1 - f)).sum(axis=1) / (n - 1)
+        p = sums["soft"] / sums["mass"][:, None]
+        spread = sums["w2p2"] - 2 * p * sums["w2p"] + p ** 2 * sums["w2"][:, None]
+        m = sums["rows"]
+        soft = (spread.sum(axis=1) / sums["mass"] ** 2) * m / (m - 1)
+        return {"fd_true": np.sqrt(np.maximum(0, metrics["fd"] ** 2 - hard)),
+                "fd_soft_true": np.sqrt(np.maximum(0, metrics["fd_soft"] ** 2 - soft))}
 
 
 def _fairness_arrays(counts: np.ndarray, soft: np.ndarray, mass: np.ndarray,

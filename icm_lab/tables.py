@@ -98,9 +98,10 @@ def _run_row(path: Path) -> dict:
            **{key: float(steered.get(key, float("nan"))) for key in DEBIAS_METRICS}}
     if "n_images" in steered:
         row["undecided"] = steered["n_undecided"] / steered["n_images"]
-    for key, (low, high) in steered.get("ci", {}).items():  # bootstrap 95% over images
-        if key in DEBIAS_METRICS:
-            row[f"{key}_low"], row[f"{key}_high"] = low, high
+    intervals = steered.get("ci", {})  # bootstrap 95% over images
+    for key in DEBIAS_METRICS:
+        if key in intervals:
+            row[f"{key}_low"], row[f"{key}_high"] = intervals[key]
     return row
 
 

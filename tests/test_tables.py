@@ -16,7 +16,8 @@ def write_run(directory, method, alpha, fd, clip_i, layers=("mid_block",), seed=
     steered = {"fd": fd, "fd_pooled": fd / 5, "fd_soft": fd / 2, "kl": fd / 4,
                "deviation": fd / 3, "fid": fid, "kid": 0.01, "clip_t": 0.6, "clip_i": clip_i,
                "n_images": 8, "n_undecided": 1,
-               "ci": {"fd": [fd - 0.05, fd + 0.1], "clip_i": [clip_i - 0.01, clip_i + 0.01]}}
+               "ci": {"fd": [fd - 0.05, fd + 0.1], "clip_i": [clip_i - 0.01, clip_i + 0.01],
+                      "per_prompt": {"a": [[0.1, 0.2], [0.3, 0.4]]}}}
     hooked = alpha is not None
     (directory / "metrics.json").write_text(json.dumps({
         "model": "tiny_sd15", "concept": concept, "method": method, "alpha": alpha,
