@@ -25,7 +25,11 @@ torch.set_num_threads(2)
 
 
 # Most tests run the random tiny SD1.5 twin on a people concept; the toy world has its own tests.
-TEST_DEFAULTS = {"model": "tiny_sd15", "concept": "gender"}
+# Tests rank layers=auto by separability unless they test the causal map (the map steers every
+# layer alone: minutes on the tiny twins), and score probes over 2 folds, which their dozen
+# images allow (5 need 5 prompts per class). The toy science tests run the true defaults.
+TEST_DEFAULTS = {"model": "tiny_sd15", "concept": "gender", "layers.rank_by": "separability",
+                 "localize.folds": 2}
 
 
 def make_config(*overrides: str):

@@ -54,7 +54,8 @@ def test_paper_experiment_pins_the_protocol(name):
     if m.name == "sd15":
         assert list(cfg.layers.select) == PAPER_LAYERS
     else:  # the paper's layers for these models are not public: this project's localization
-        assert (cfg.layers.select, cfg.layers.kind, cfg.layers.k) == ("auto", "attn1", 3)
+        assert (cfg.layers.select, cfg.layers.kind, cfg.layers.k, cfg.layers.rank_by) == (
+            "auto", "attn1", 3, "separability")
     # evaluation
     assert cfg.labeler._target_ == "icm_lab.labeler.FairFaceLabeler"
     assert cfg.labeler.min_confidence == 0.0
