@@ -161,10 +161,9 @@ class LayersConfig:
             _choice("layers.select", self.select, ("auto", "all", *LAYER_KINDS))
         _choice("layers.kind", self.kind, LAYER_KINDS)
         _count("layers.k", self.k)
+        # rank_by only ranks layers=auto; named layers (layers.select=[...] inside the auto
+        # group, the natural override) are steered as named, with no causal map computed.
         _choice("layers.rank_by", self.rank_by, RANK_BY)
-        if self.rank_by != "separability" and self.select != "auto":
-            raise ConfigError(f"layers.rank_by={self.rank_by} ranks the layers of layers=auto; "
-                              f"layers.select={self.select!r} is not ranked")
 
 
 OBJECTIVE_METRICS = ("fd", "fd_soft", "kl", "deviation", "clip_t", "clip_i", "fid", "kid")

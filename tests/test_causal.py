@@ -115,8 +115,6 @@ def test_rank_by_causal_selects_the_layers_with_the_largest_effect(tiny):
 @pytest.mark.parametrize("overrides,message", [
     (["layers.rank_by=influence"], "layers.rank_by='influence' is not valid; choose one of "
                                    "['separability', 'causal']"),
-    (["layers=all_attn1", "layers.rank_by=causal"], "layers.rank_by=causal ranks the layers "
-                                                    "of layers=auto"),
     (["causal.n_images=0"], "causal.n_images=0 must be an integer >= 1"),
     (["causal.start=0.8", "causal.end=0.5"], "causal.start=0.8 must be below causal.end=0.5"),
     (["stages=[causul]"], "stages=['causul'] is not valid"),
@@ -125,6 +123,15 @@ def test_bad_causal_settings_are_refused_at_validation(overrides, message):
     with pytest.raises(ConfigError) as error:
         validate(make_config("model=toy", "concept=color", *overrides))
     assert message in str(error.value)
+
+
+def test_named_layers_inside_the_auto_group_need_no_causal_map(tmp_path):
+    """`layers.select=[...]` keeps the auto group's rank_by=causal: the layers are steered as
+    named and no map is computed (steer does not ask for the causal stage)."""
+    cfg = make_config("model=toy", "concept=color", "layers.rank_by=causal",
+                      "layers.select=[up_blocks.1.attentions.0.transformer_blocks.0.attn1]")
+    validate(cfg)
+    assert "causal" not in Run(cfg, tmp_path / "run").needs("steer")
 
 
 def test_causal_settings_default_to_steers():
