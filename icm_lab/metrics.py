@@ -107,34 +107,72 @@ def bootstrap_fairness(table: pd.DataFrame, sides: dict[str, tuple[str, str, str
     -> (label column, probability prefix, weight column).
 
     FD is a distance, so sampling noise only adds to it: E[FD^2] = FD_true^2 + sum_k Var(f_k),
-    and with 32 images a prompt a perfectly fair model shows FD ~0.15. A percentile interval of
-    FD itself would sit above the truth (and often above the estimate). The intervals of `fd`,
-    `fd_pooled` and `fd_soft` are therefore those of the true distance: each resample's
-    sqrt(max(0, FD^2 - unbiased estimate of sum_k Var(f_k))). They can lie below the printed
-    FD, the plug-in estimate of the paper's definition. `clip_t`, `clip_i` and the class shares
-    (`per_prompt`) are plain means. Per side `{metric: [low, high]}`, and `change` (steered -
-    base) when both sides are given."""
+    and with 32 images a prompt a perfectly fair model shows FD ~0.1. A percentile interval of
+    FD itself sits above the truth (often above the estimate). So `fd`, `fd_pooled` and
+    `fd_soft` get intervals for the true distance: the corrected estimate T =
+    sqrt(max(0, FD^2 - unbiased sum_k Var(f_k))) (per prompt, then averaged; in `corrected`),
+    and a basic bootstrap around it, since in the resampled world the truth is the plug-in FD:
+    [T - (q_hi - FD), T - (q_lo - FD)] with q the percentiles of the resampled T, clipped at 0.
+    They can lie below the printed FD, the paper's plug-in definition. `clip_t`, `clip_i` and
+    the class shares (`per_prompt`) are plain percentile intervals. Per side `{metric: [low,
+    high]}` and `corrected`, and `change` (steered - base, paired) when both sides are given."""
     rng = np.random.default_rng(seed)
-    draws = {prompt: rng.integers(0, len(rows), (resamples, len(rows)))
-             for prompt, rows in table.groupby("prompt", sort=False)}
+    groups = dict(list(table.groupby("prompt", sort=False)))
+    draws = {p: rng.integers(0, len(rows), (resamples, len(rows))) for p, rows in groups.items()}
+    whole = {p: np.arange(len(rows))[None] for p, rows in groups.items()}  # the sample itself
     values = {name: _resampled(table, draws, *columns, classes, target)
               for name, columns in sides.items()}
+    observed = {name: _resampled(table, whole, *columns, classes, target)
+                for name, columns in sides.items()}
     tails = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
 
-    def interval(v: np.ndarray) -> list[float]:
-        return np.nanpercentile(v, tails).tolist()
+    def interval(name: str, key: str) -> list[float]:
+        if f"{key}_sq" not in values[name]:
+            return np.nanpercentile(values[name][key], tails).tolist()
+        # The hull of two intervals for the true distance, each failing in another regime
+        # (simulated coverage in docs/metrics.md): the percentile interval of the resampled
+        # corrected distance, which misses a true 0 when several prompts are averaged, and
+        # the basic interval on the squared scale, which undercovers away from 0.
+        corrected = np.nanpercentile(values[name][f"{key}_true"], tails)
+        basic = _distance_interval(values[name], observed[name], key, tails)
+        return [float(min(corrected[0], basic[0])), float(max(corrected[1], basic[1]))]
 
-    out = {name: {key: interval(v[f"{key}_true"] if f"{key}_true" in v else v[key])
-                  for key in CI_METRICS if key in v} for name, v in values.items()}
+    def change(key: str) -> list[float]:
+        """Percentile interval of the paired difference (steered - base) of the plain metric,
+        or for a distance of the corrected one, shifted by the resampled world's bias."""
+        after, before = values["steered"], values["base"]
+        if f"{key}_true" not in after:
+            return np.nanpercentile(after[key] - before[key], tails).tolist()
+        delta = after[f"{key}_true"] - before[f"{key}_true"]
+        truth = observed["steered"][key][0] - observed["base"][key][0]  # the plug-in world's
+        estimate = observed["steered"][f"{key}_true"][0] - observed["base"][f"{key}_true"][0]
+        q = np.nanpercentile(delta, tails) - truth
+        return [float(estimate - q[1]), float(estimate - q[0])]
+
+    out = {}
     for name, v in values.items():
+        out[name] = {key: interval(name, key) for key in CI_METRICS if key in v}
+        out[name]["corrected"] = {key: float(observed[name][f"{key}_true"][0])
+                                  for key in ("fd", "fd_pooled", "fd_soft")}
         out[name]["per_prompt"] = {prompt: np.nanpercentile(shares, tails, axis=0).T.tolist()
                                    for prompt, shares in v["shares"].items()}
     if {"base", "steered"} <= set(values):
-        after, before = values["steered"], values["base"]
-        out["change"] = {key: interval(after.get(f"{key}_true", after[key])
-                                       - before.get(f"{key}_true", before[key]))
-                         for key in CI_METRICS if key in after and key in before}
+        out["change"] = {key: change(key) for key in CI_METRICS
+                         if key in values["steered"] and key in values["base"]}
     return out
+
+
+def _distance_interval(resampled: dict, observed: dict, key: str, tails: list[float]
+                       ) -> list[float]:
+    """A basic bootstrap interval per prompt on the squared scale, where the corrected estimate
+    U = FD^2 - sum Var is unbiased and smooth: in the resampled world the truth is the plug-in
+    FD^2, so U* - FD^2 stands for U - truth, and [U - (q_hi - FD^2), U - (q_lo - FD^2)] bounds
+    the true square. Each bound's sqrt(max(0, .)), averaged over prompts like FD itself."""
+    q = np.nanpercentile(resampled[f"{key}_sq"], tails, axis=1)  # [2, P]
+    plug, estimate = observed[f"{key}_plug_sq"][:, 0], observed[f"{key}_sq"][:, 0]
+    low, high = estimate - (q[1] - plug), estimate - (q[0] - plug)
+    distance = lambda square: float(np.nanmean(np.sqrt(np.maximum(0, square))))  # noqa: E731
+    return [distance(low), distance(high)]
 
 
 def _resampled(table: pd.DataFrame, draws: dict[str, np.ndarray], label: str, prefix: str,
@@ -177,16 +215,23 @@ def _resampled(table: pd.DataFrame, draws: dict[str, np.ndarray], label: str, pr
         whole = _fairness_arrays(pooled["counts"], pooled["soft"], pooled["mass"], target)
         n = pooled["counts"].sum(axis=1)
         result["fd_pooled"] = whole["fd"]
-        result["fd_pooled_true"] = np.sqrt(np.maximum(0, whole["fd"] ** 2 - pooled["var"] / n**2))
+        square = whole["fd"] ** 2 - pooled["var"] / n**2
+        result["fd_pooled_true"] = np.sqrt(np.maximum(0, square))
+    # Per prompt [P, resamples]: the unbiased squares and the plug-in squares, for intervals.
+    for key in ("fd", "fd_soft"):
+        result[f"{key}_sq"] = np.stack([m[f"{key}_sq"] for m in per_prompt])
+        result[f"{key}_plug_sq"] = np.stack([m[key] ** 2 for m in per_prompt])
+    result["fd_pooled_sq"], result["fd_pooled_plug_sq"] = square[None], whole["fd"][None] ** 2
     result |= {c: np.concatenate(v, axis=1).mean(axis=1) for c, v in clip.items()}
     return {**result, "shares": shares}
 
 
 def _true_distances(metrics: dict[str, np.ndarray], counts: np.ndarray,
                     sums: dict[str, np.ndarray], target: np.ndarray) -> dict[str, np.ndarray]:
-    """FD and FD_soft less the noise sampling adds: sqrt(max(0, d^2 - unbiased sum_k Var)), with
-    Var(f_k) estimated by f_k (1 - f_k) / (n - 1) and Var(p_k) by the weighted mean's
-    sum_i w_i^2 (p_ik - p_k)^2 / (sum w)^2 * m / (m - 1) over the m images with a reading."""
+    """Unbiased estimates of the squared true distances, FD^2 - sum_k Var (`<key>_sq`, may be
+    negative), and the distances sqrt(max(0, .)) (`<key>_true`). Var(f_k) is estimated by
+    f_k (1 - f_k) / (n - 1); Var(p_k) by the weighted mean's sum_i w_i^2 (p_ik - p_k)^2 /
+    (sum w)^2 * m / (m - 1) over the m images with a reading."""
     f, n = metrics["f"], counts.sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         hard = (f * (1 - f)).sum(axis=1) / (n - 1)
@@ -194,8 +239,9 @@ def _true_distances(metrics: dict[str, np.ndarray], counts: np.ndarray,
         spread = sums["w2p2"] - 2 * p * sums["w2p"] + p ** 2 * sums["w2"][:, None]
         m = sums["rows"]
         soft = (spread.sum(axis=1) / sums["mass"] ** 2) * m / (m - 1)
-        return {"fd_true": np.sqrt(np.maximum(0, metrics["fd"] ** 2 - hard)),
-                "fd_soft_true": np.sqrt(np.maximum(0, metrics["fd_soft"] ** 2 - soft))}
+    squares = {"fd_sq": metrics["fd"] ** 2 - hard, "fd_soft_sq": metrics["fd_soft"] ** 2 - soft}
+    return {**squares, "fd_true": np.sqrt(np.maximum(0, squares["fd_sq"])),
+            "fd_soft_true": np.sqrt(np.maximum(0, squares["fd_soft_sq"]))}
 
 
 def _fairness_arrays(counts: np.ndarray, soft: np.ndarray, mass: np.ndarray,

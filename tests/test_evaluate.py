@@ -130,33 +130,34 @@ def test_bootstrap_intervals_bracket_the_estimate_and_shrink_with_more_images():
         assert ci["change"]["fd"] == [0.0, 0.0]  # the same images on both sides: paired
         assert len(ci["base"]["per_prompt"]["p"]) == 2  # [low, high] per class
         widths.append(ci["base"]["fd"][1] - ci["base"]["fd"][0])
-    assert widths[1] < widths[0] / 2
+    assert widths[1] < widths[0] * 0.6
     again = bootstrap_fairness(bootstrap_table(20), sides, classes, target, seed=0)
     assert again["base"]["fd"] == bootstrap_fairness(bootstrap_table(20), sides, classes,
                                                      target, seed=0)["base"]["fd"]  # seeded
 
 
-@pytest.mark.parametrize("shares", [[0.5, 0.5], [0.7, 0.3]])
+@pytest.mark.parametrize("shares", [[0.5, 0.5], [0.55, 0.45], [0.7, 0.3]])
 def test_fd_intervals_cover_the_true_distance_where_the_plain_percentile_does_not(shares):
-    """Simulated labels with a known true FD (0: a fair model; 0.283): the intervals cover it in
-    about 95% of data sets. The plain percentile interval of the plug-in FD would not cover a
-    fair model's 0: 32 images a prompt alone put FD near 0.1."""
-    truth, target, covered, naive = np.linalg.norm(np.subtract(shares, 0.5)), np.full(2, 0.5), 0, 0
-    for seed in range(60):
+    """Simulated labels with a known true FD (0: a fair model; 0.071; 0.283), 4 prompts of 32
+    images: the intervals cover it in at least ~90% of data sets. The plain percentile interval
+    of the plug-in FD never covers a fair model's 0: 32 images a prompt alone put FD near 0.1."""
+    truth, target = np.linalg.norm(np.subtract(shares, 0.5)), np.full(2, 0.5)
+    covered, naive, runs = 0, 0, 50
+    for seed in range(runs):
         rng = np.random.default_rng(seed)
-        labels = rng.choice(["m", "f"], size=64, p=shares)
-        table = pd.DataFrame({"prompt": ["p"] * 32 + ["q"] * 32, "label": labels,
+        labels = rng.choice(["m", "f"], size=128, p=shares)
+        table = pd.DataFrame({"prompt": np.repeat(["p", "q", "r", "s"], 32), "label": labels,
                               "p_m": (labels == "m") * 1.0, "p_f": (labels == "f") * 1.0})
         ci = bootstrap_fairness(table, {"base": ("label", "p_", None)}, ["m", "f"], target,
                                 seed=seed, resamples=200)["base"]
         covered += ci["fd"][0] <= truth <= ci["fd"][1]
-        draws = {p: rng.integers(0, 32, (200, 32)) for p in ("p", "q")}
+        draws = {p: rng.integers(0, 32, (200, 32)) for p in "pqrs"}
         plain = np.percentile(_resampled(table, draws, "label", "p_", None, ["m", "f"],
                                          target)["fd"], [2.5, 97.5])
         naive += plain[0] <= truth <= plain[1]
-    assert covered / 60 >= 0.88, covered
+    assert covered / runs >= 0.88, covered
     if truth == 0:
-        assert naive / 60 <= 0.1, naive
+        assert naive == 0, naive
 
 
 @pytest.fixture(scope="module")
