@@ -217,10 +217,10 @@ def class_distribution(table: pd.DataFrame, classes: list[str], target: np.ndarr
     fig.legend(handles, ["base (unsteered)", "steered (same seeds)", "target share"],
                loc="outside lower center", ncols=3, fontsize=FONT + 1)
     n_base, n_steered = fd["base"]["n_images"], fd["steered"]["n_images"]
-    fig.suptitle(f"{title or 'Class distribution per prompt'}\nFD (distance to the target, "
-                 f"mean over prompts; lower is better): base {_with_ci(fd['base'])} → steered "
-                 f"{_with_ci(fd['steered'])} ({n_base} + {n_steered} images; bars: 95% "
-                 "bootstrap intervals)", fontsize=FONT + 2)
+    fig.suptitle(f"{title or 'Class distribution per prompt'}\nFD (mean over prompts, lower is "
+                 f"better): base {_with_ci(fd['base'])} → steered {_with_ci(fd['steered'])}\n"
+                 f"{n_base} + {n_steered} images; [ ] and bars: 95% bootstrap intervals",
+                 fontsize=FONT + 2)
     write_figure(fig, path, dpi=110)
     plt.close(fig)
     return path

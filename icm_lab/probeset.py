@@ -93,6 +93,10 @@ class ProbeSet:
     def sigmas(self, layer: str, source: str = "probe") -> torch.Tensor:
         """`[steps, classes]`: the spread of the collected activations along each of
         `directions(layer, source)` (`projection_std`)."""
+        with safe_open(self.root / self.FILE, framework="pt") as f:
+            if f"{layer}/{_key('sigma', source)}" not in f.keys():
+                raise UserError(f"the probe set at {self.root} holds no sigma (it predates "
+                                "steer.units=sigma): run localize again, or use steer.units=raw")
         return self._tensor(layer, _key("sigma", source))
 
     def fit(self, layer: str) -> ProbeFit:

@@ -86,7 +86,7 @@ class CausalConfig:
     window follow steer's, the seed the run's)."""
 
     n_images: int = 32  # per class: the same images are steered toward every class
-    alpha: float = 15.0
+    alpha: float = 16.0
     start: float = 0.3
     end: float | None = None
     thirds: bool = False  # also steer in the early, middle and late thirds of all steps

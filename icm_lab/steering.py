@@ -115,8 +115,9 @@ def calibrated_scale(probes: ProbeSet, layer: str, source: str, units: str) -> t
     activations along the direction)."""
     if units not in STEER_UNITS:
         raise choices_error("steer.units", units, STEER_UNITS)
-    sigma = probes.sigmas(layer, source)
-    return sigma if units == "sigma" else torch.ones_like(sigma)
+    if units == "raw":  # no sigma read: probe sets from before sigma still steer in raw units
+        return torch.ones(probes.directions(layer, source).shape[:2])
+    return probes.sigmas(layer, source)
 
 
 def calibrated_edit(probes: ProbeSet, layer: str, source: str, units: str) -> LayerEdit:

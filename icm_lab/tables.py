@@ -113,7 +113,8 @@ def _recorded_settings(metrics: dict) -> dict[str, str]:
     return {
         "steps": f"{window['first']}-{window['last']}" if window else "-",
         "direction": metrics.get("direction") or "-",
-        "units": metrics.get("units") or "-",
+        # metrics.json before steer.units: alpha was raw
+        "units": metrics.get("units") or ("raw" if metrics.get("alpha") is not None else "-"),
         "halves": metrics.get("halves") or "-",
         "renorm": str(metrics.get("renorm", "-")),
         "sampler": " ".join(f"{v}" for v in (metrics.get("sampler") or {}).values()) or "-",

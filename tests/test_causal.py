@@ -134,11 +134,13 @@ def test_named_layers_inside_the_auto_group_need_no_causal_map(tmp_path):
     assert "causal" not in Run(cfg, tmp_path / "run").needs("steer")
 
 
-def test_causal_settings_default_to_steers():
+def test_causal_window_follows_steer_but_not_its_strength():
+    """The map depends on the window; its strength is its own, so an alpha sweep shares one
+    map (and alpha 0 cannot make the ranking arbitrary)."""
     cfg = make_config("model=toy", "concept=color", "steer.alpha=7", "steer.start=0.5", "seed=3")
     validate(cfg)
     assert (cfg.causal.alpha, cfg.causal.start, cfg.causal.end, cfg.causal.seed) == (
-        7.0, 0.5, None, 3)
+        16.0, 0.5, None, 3)
 
 
 def test_thirds_partition_the_steps():

@@ -76,7 +76,7 @@ def test_distribution_chart_shows_counts_and_fd(tmp_path, drawn):
     ax = fig.axes[0]
     assert ax.get_title() == '"a circle"\n4 images each; FD 0.71 → 0.00; undecided 1 / 0'
     assert [bar.get_height() for bar in ax.patches[:2]] == [1.0, 0.0]  # of decided images
-    assert "base 0.707 [0.500, 0.707] → steered 0.000 (4 + 4 images" in fig.get_suptitle()
+    assert "base 0.707 [0.500, 0.707] → steered 0.000\n4 + 4 images" in fig.get_suptitle()
     whiskers = [tuple(float(y) for y in segment[:, 1]) for bars in ax.collections
                 if hasattr(bars, "get_segments")
                 for segment in bars.get_segments()]  # the base bars', from its ci

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from icm_lab.artefacts import Provenance, fingerprint, read_json, seal
 from icm_lab.errors import UserError
-from icm_lab.figures import causal_heatmaps, separability_vs_effect
+from icm_lab.figures import causal_heatmaps, layer_ranking, separability_vs_effect
 from icm_lab.files import write_json, write_table
 from icm_lab.generation import PrefixRows
 from icm_lab.hooks import AddVector
@@ -69,7 +69,8 @@ class CausalMap:
 def causal(res: Resources, cfg: CausalConfig, steer_cfg: SteerConfig,
            probes: ProbeSet) -> CausalMap:
     """The causal map of every candidate layer of the probe set, reused when it exists."""
-    steer_cfg = replace(steer_cfg, alpha=cfg.alpha, start=cfg.start, end=cfg.end)
+    # Always sigma units: the map compares layers of different widths and scales.
+    steer_cfg = replace(steer_cfg, alpha=cfg.alpha, start=cfg.start, end=cfg.end, units="sigma")
     layers = candidates(res, probes)
     windows = step_windows(cfg, res.model.steps)
     settings = {k: v for k, v in asdict(steer_cfg).items() if k not in ("policy", "probes")}
@@ -353,8 +354,14 @@ def select_by_effect(res: Resources, localization: Localization, causal_map: Cau
     selected = selection.resolve(res.registry, localization.probes.scores, causal_map.table)
     names = [layer.name for layer in selected]
     write_table(rank_effects(causal_map.table), res.run_dir / "causal_ranking.csv")
+    window = causal_map.meta["windows"][STEERING]  # where the effects were measured
     write_json(res.run_dir / "selected_layers.json",
                {"layers": names, "rank_by": "causal", "causal_map": str(causal_map.root),
-                "window": [selection.window.start, selection.window.stop]})
+                "window": window})
+    # Localize drew the ranking with its own picks; outline the layers actually steered.
+    layer_ranking(localization.ranking, res.run_dir / "layer_ranking.png",
+                  chance=1 / len(localization.probes.classes), window=selection.window,
+                  selected=names, title=f"{res.model.name}, {res.concept.name}: layers ranked "
+                  "by separability; outlined: the top by causal effect (steered)")
     log.info("causal: layers.rank_by=causal selects %s", names)
     return replace(localization, selected=selected)

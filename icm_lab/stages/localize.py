@@ -234,7 +234,7 @@ def report_selection(res: Resources, probes: ProbeSet,
                            title=f"{res.model.name}, {res.concept.name}: layers ranked by "
                                  f"separability")
     best = probes.scores.groupby("kind")["balanced_accuracy"].max()
-    log.info("localize: best balanced accuracy by kind %s; selected %s",
+    log.info("localize: best balanced accuracy by kind %s; top by separability %s",
              json.dumps(best.round(3).to_dict()), names)
     res.tracker.log_metrics({f"localize/best_{k}": float(v) for k, v in best.items()})
     res.tracker.log_images({"localize/separability": probes.root / "separability.png",
