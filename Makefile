@@ -44,7 +44,7 @@ tables: $(INSTALLED)
 	@test -f $(TABLE_RUNS)/methods/.done || ($(PY) -m icm_lab -m $(TABLE_SET) +sweep=methods \
 		hydra.sweep.dir=$(TABLE_RUNS)/methods && touch $(TABLE_RUNS)/methods/.done)
 	@test -f $(TABLE_RUNS)/alpha/.done || ($(PY) -m icm_lab -m $(TABLE_SET) method=icm \
-		steer.alpha=0,5,15,30 hydra.sweep.dir=$(TABLE_RUNS)/alpha && touch $(TABLE_RUNS)/alpha/.done)
+		steer.alpha=0,8,16,32 hydra.sweep.dir=$(TABLE_RUNS)/alpha && touch $(TABLE_RUNS)/alpha/.done)
 	$(PY) -m icm_lab.tables
 
 # A ready-made sweep from sweeps/: make sweep NAME=layers_alpha ARGS="model=sd15 hydra/launcher=slurm"
