@@ -52,7 +52,7 @@ def test_bad_stage_fails_with_a_clear_message(tmp_path):
                  f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2
     assert result.stderr.strip() == ("icm_lab: error: stages=['colect'] is not valid; choose "
-                                      "one of ['collect', 'localize', 'steer', 'evaluate']")
+                                      "one of ['collect', 'localize', 'causal', 'steer', 'evaluate']")
     assert not (tmp_path / "run").exists()
 
 
