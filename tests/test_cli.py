@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,8 +52,9 @@ def test_bad_stage_fails_with_a_clear_message(tmp_path):
     result = run(sys.executable, "-m", "icm_lab", "stages=[colect]", f"paths.root={tmp_path}",
                  f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2
-    assert result.stderr.strip() == ("icm_lab: error: stages=['colect'] is not valid; choose "
-                                      "one of ['collect', 'localize', 'causal', 'steer', 'evaluate']")
+    assert result.stderr.strip() == (
+        "icm_lab: error: stages=['colect'] is not valid; choose one of ['collect', 'localize', "
+        "'causal', 'steer', 'evaluate']")
     assert not (tmp_path / "run").exists()
 
 
@@ -68,7 +70,8 @@ def test_a_sweep_with_one_bad_value_runs_no_job(tmp_path):
 def test_alpha_by_layers_multirun_shares_collection_and_probes(tmp_path):
     result = run(sys.executable, "-m", "icm_lab", "-m", "model=tiny_sd15", "concept=gender",
                  "steer.alpha=5,15", "layers=auto,paper_sd15", "collect.n_images=30",
-                 "model.steps=4", "eval.n_images_per_prompt=2", f"paths.root={tmp_path}",
+                 "model.steps=4", "eval.n_images_per_prompt=2", "localize.folds=2",
+                 "layers.rank_by=separability", f"paths.root={tmp_path}",
                  f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted((tmp_path / "sweep").glob("[0-9]*"))
@@ -79,5 +82,5 @@ def test_alpha_by_layers_multirun_shares_collection_and_probes(tmp_path):
     artefacts = tmp_path / "outputs" / "artefacts"
     assert [len([p for p in (artefacts / stage).iterdir() if p.is_dir()])
             for stage in ("collect", "localize", "base")] == [1, 1, 1]
-    alphas = {(job / "config.yaml").read_text().split("alpha: ")[1].split()[0] for job in jobs}
-    assert alphas == {"5.0", "15.0"} or alphas == {"5", "15"}
+    alphas = {OmegaConf.load(job / "config.yaml").steer.alpha for job in jobs}
+    assert alphas == {5.0, 15.0}
