@@ -30,7 +30,7 @@ from tests.conftest import make_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["collect.n_images=12", "collect.batch_size=4", "model.steps=4",
-         "eval.n_images_per_prompt=2"]
+         "eval.n_images_per_prompt=2", "localize.folds=2", "layers.rank_by=separability"]
 KINDS = {".npy", ".safetensors", ".parquet", ".json", ".png"}
 
 

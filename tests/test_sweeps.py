@@ -23,7 +23,8 @@ from tests.conftest import make_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model=tiny_sd15", "concept=gender", "collect.n_images=16", "collect.batch_size=4",
-        "model.steps=4", "eval.n_images_per_prompt=2"]
+        "model.steps=4", "eval.n_images_per_prompt=2", "localize.folds=2",
+        "layers.rank_by=separability"]
 
 
 def icm_lab(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:

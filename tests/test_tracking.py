@@ -61,7 +61,7 @@ def test_each_multirun_job_is_a_wandb_run_in_the_sweep_group_finished_with_its_e
     result = subprocess.run(
         [sys.executable, "-m", "icm_lab", "-m", "model=tiny_sd15", "concept=gender",
          "logger=wandb", "labeler.min_confidence=0.5,1.0", "collect.n_images=30",
-         "model.steps=4",
+         "model.steps=4", "localize.folds=2", "layers.rank_by=separability",
          "eval.n_images_per_prompt=2", "stages=[collect,localize,steer]",
          f"paths.root={tmp_path}", f"hydra.sweep.dir={sweep}"],
         cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600,
