@@ -26,7 +26,7 @@ run: $(INSTALLED)
 	$(PY) -m icm_lab
 
 bench: $(INSTALLED)
-	$(PY) -m icm_lab.bench
+	$(PY) -m icm_lab.tools.bench
 
 lint: $(INSTALLED)
 	$(PY) -m ruff check icm_lab tests
@@ -45,7 +45,7 @@ tables: $(INSTALLED)
 		hydra.sweep.dir=$(TABLE_RUNS)/methods && touch $(TABLE_RUNS)/methods/.done)
 	@test -f $(TABLE_RUNS)/alpha/.done || ($(PY) -m icm_lab -m $(TABLE_SET) method=icm \
 		steer.alpha=0,8,16,32 hydra.sweep.dir=$(TABLE_RUNS)/alpha && touch $(TABLE_RUNS)/alpha/.done)
-	$(PY) -m icm_lab.tables
+	$(PY) -m icm_lab.report.tables
 
 # A ready-made sweep from sweeps/: make sweep NAME=layers_alpha ARGS="model=sd15 hydra/launcher=slurm"
 sweep: $(INSTALLED)
@@ -54,11 +54,11 @@ sweep: $(INSTALLED)
 
 # Retrain the toy world (pipeline + CLIP) from its seed into icm_lab/toy/weights, then measure it.
 toy-model: $(INSTALLED)
-	$(PY) -m icm_lab.toy.train
-	$(PY) -m icm_lab.toy.quality
+	$(PY) -m icm_lab.tools.toy_train
+	$(PY) -m icm_lab.tools.toy_quality
 
 toy-quality: $(INSTALLED)
-	$(PY) -m icm_lab.toy.quality
+	$(PY) -m icm_lab.tools.toy_quality
 
 layers: $(INSTALLED)
 	$(PY) -m icm_lab layers model=$(MODEL)

@@ -1,4 +1,4 @@
-"""`python -m icm_lab` and the `icm-lab` script (the command line itself is `icm_lab.cli`).
+"""`python -m icm_lab` and the `icm-lab` script (the command line itself is `icm_lab.app.cli`).
 
 Importing torch, diffusers and Hydra takes seconds before anything else can happen, so this
 module first says that the command has started, then imports the command line.
@@ -18,7 +18,7 @@ def main() -> None:
     if not any(arg.split("=")[0] in PRINT_ONLY for arg in sys.argv[1:]):
         print("icm_lab: starting (loading torch and diffusers, then checking the config)",
               flush=True)
-    from icm_lab.cli import main as cli_main
+    from icm_lab.app.cli import main as cli_main
 
     cli_main()
 

@@ -37,14 +37,61 @@ def test_no_import_cycle_inside_the_package():
     assert cycles == [], cycles
 
 
+# The layers, lowest first. A module imports only from its own folder or a lower layer; folders
+# on one layer do not import each other. docs/architecture.md draws the same tree.
+LAYERS: list[set[str]] = [
+    {"core"},
+    {"io", "config"},
+    {"models", "toy"},
+    {"probing", "engine", "labeling"},
+    {"steering", "evaluation", "report"},
+    {"stages"},
+    {"app"},
+    {"tools"},
+]
+RANK = {folder: rank for rank, folders in enumerate(LAYERS) for folder in folders}
+
+
+def folder(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] != "__main__" else ""  # "": the package root
+
+
+def test_every_module_sits_in_a_layer_folder():
+    roots = ("icm_lab", "icm_lab.__main__")
+    loose = [m for m in import_graph() if folder(m) not in RANK and m not in roots]
+    assert loose == [], f"modules outside the layer folders: {loose}"
+    assert set(RANK) == {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+
+
+def test_imports_point_down_the_layers():
+    graph = import_graph()
+    upward = []
+    for source, target in graph.edges:
+        a, b = folder(source), folder(target)
+        if not a or not b or a == b:
+            continue  # the package root and __main__ sit outside the layers; a folder's own modules
+        if RANK[b] >= RANK[a]:
+            upward.append(f"{source} -> {target}")
+    assert upward == [], upward
+
+
+def test_nothing_on_the_run_path_imports_the_tools():
+    graph = import_graph()
+    for module in graph:
+        if folder(module) != "tools":
+            assert not any(folder(t) == "tools" for t in graph.successors(module)), module
+
+
 def test_stages_sit_between_the_runner_and_the_resources():
     graph = import_graph()
     stages = [m for m in graph if m.startswith("icm_lab.stages.")]
     assert stages
     for stage in stages:
-        assert not nx.has_path(graph, stage, "icm_lab.runner"), stage
-        assert nx.has_path(graph, "icm_lab.runner", stage)
-    assert not any(nx.has_path(graph, "icm_lab.resources", stage) for stage in stages)
+        assert not nx.has_path(graph, stage, "icm_lab.app.runner"), stage
+        assert nx.has_path(graph, "icm_lab.app.runner", stage)
+    assert not any(nx.has_path(graph, "icm_lab.stages.resources", stage)
+               for stage in stages if stage != "icm_lab.stages.resources")
 
 
 def test_module_paths_are_known_only_to_the_adapters():
@@ -53,7 +100,7 @@ def test_module_paths_are_known_only_to_the_adapters():
                          r"|removesuffix\(\"attn|replace\(\"attn")
     offenders = []
     for path in PACKAGE.rglob("*.py"):
-        if path.name in ("adapters.py", "tiny.py", "train.py"):  # builders make the modules
+        if path.name in ("adapters.py", "tiny.py", "toy_train.py"):  # builders make the modules
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#")[0]

@@ -9,12 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from icm_lab.errors import ConfigError, UserError
-from icm_lab.generation import Generator, Prefix, PrefixRows
-from icm_lab.hooks import AddVector
-from icm_lab.runner import Run, run
-from icm_lab.schema import CausalConfig
-from icm_lab.selection import ALL_CLASSES, STEERING, LayerSelection, rank_effects
+from icm_lab.app.runner import Run, run
+from icm_lab.app.validation import validate
+from icm_lab.config.schema import CausalConfig
+from icm_lab.core.errors import ConfigError, UserError
+from icm_lab.core.selection import ALL_CLASSES, STEERING, LayerSelection, rank_effects
+from icm_lab.engine.generation import Generator, Prefix, PrefixRows
+from icm_lab.engine.hooks import AddVector
 from icm_lab.stages.causal import (
     BOOTSTRAP,
     batch_rows,
@@ -23,7 +24,6 @@ from icm_lab.stages.causal import (
     naive_calls,
     step_windows,
 )
-from icm_lab.validation import validate
 from tests.conftest import make_config
 
 CLASSES = ["red", "blue"]

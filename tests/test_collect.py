@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from icm_lab.artefacts import ArtefactMismatchError, Provenance
-from icm_lab.errors import ConfigError
-from icm_lab.models.layers import LayerInfo
-from icm_lab.runner import run
-from icm_lab.sampling import sample_plan
-from icm_lab.store import ActivationStore, StoreError, StoreWriter, io_per_byte_stored
+from icm_lab.app.runner import run
+from icm_lab.core.errors import ConfigError
+from icm_lab.core.layers import LayerInfo
+from icm_lab.io.artefacts import ArtefactMismatchError, Provenance
+from icm_lab.io.store import ActivationStore, StoreError, StoreWriter, io_per_byte_stored
+from icm_lab.labeling.sampling import sample_plan
 from tests.conftest import dead_pid, make_config, temporary_name
 
 ROOT = Path(__file__).resolve().parent.parent

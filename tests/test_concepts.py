@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from icm_lab.concepts import Concept
-from icm_lab.labeler import UNDECIDED, ClipLabeler
+from icm_lab.core.concepts import Concept
+from icm_lab.labeling.labelers import UNDECIDED, ClipLabeler
 from tests.conftest import make_config
 
 OCCUPATIONS = ["firefighter", "doctor", "receptionist", "nurse"]

@@ -11,14 +11,14 @@ import torch
 import torchvision
 from PIL import Image
 
-from icm_lab.concepts import Concept
-from icm_lab.generation import Generator, Prefix
-from icm_lab.hooks import AddVector
-from icm_lab.labeler import FAIRFACE_LABELS, ClipLabeler, FairFaceLabeler
-from icm_lab.metrics import ClipImageFeatures, InceptionFeatures, extract
+from icm_lab.app.validation import build
+from icm_lab.core.concepts import Concept
+from icm_lab.engine.generation import Generator, Prefix
+from icm_lab.engine.hooks import AddVector
+from icm_lab.evaluation.metrics import ClipImageFeatures, InceptionFeatures, extract
+from icm_lab.labeling.labelers import FAIRFACE_LABELS, ClipLabeler, FairFaceLabeler
 from icm_lab.models.adapters import layer_registry
 from icm_lab.models.clip import load_clip
-from icm_lab.validation import build
 from tests.conftest import make_config
 
 CAME_BACK_FROM_META = "Cannot copy out of meta tensor"  # the call ran, then copied to the CPU
@@ -164,7 +164,7 @@ def test_inception_features_move_images_to_the_network_in_bounded_batches():
 
 def test_inception_input_is_resized_to_299_the_way_clean_fid_does():
     """clean-fid: PIL bicubic per channel on the 0-255 float image (antialiased), then 8 bits."""
-    from icm_lab.metrics import clean_resize
+    from icm_lab.evaluation.metrics import clean_resize
 
     torch.manual_seed(0)
     batch = torch.rand(2, 3, 64, 48)

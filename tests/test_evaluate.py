@@ -10,9 +10,11 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from icm_lab.cli import reference_stats_command
-from icm_lab.errors import UserError
-from icm_lab.metrics import (
+from icm_lab.app.cli import reference_stats_command
+from icm_lab.app.runner import run
+from icm_lab.app.validation import validate
+from icm_lab.core.errors import UserError
+from icm_lab.evaluation.metrics import (
     ClipImageFeatures,
     _resampled,
     bootstrap_fairness,
@@ -26,8 +28,6 @@ from icm_lab.metrics import (
     reference_statistics,
     save_reference_statistics,
 )
-from icm_lab.runner import run
-from icm_lab.validation import validate
 from tests.conftest import TEST_DEFAULTS, make_config
 
 

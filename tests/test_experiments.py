@@ -4,8 +4,8 @@ drift the protocol (conf/paper_protocol.yaml, conf/experiment/paper_*.yaml)."""
 import numpy as np
 import pytest
 
-from icm_lab.selection import step_window
-from icm_lab.steering import PAPER_BATCH, assign_targets
+from icm_lab.core.selection import step_window
+from icm_lab.steering.plans import PAPER_BATCH, assign_targets
 from tests.conftest import make_config
 
 PAPER_LAYERS = ["mid_block.attentions.0.transformer_blocks.0.attn1",
@@ -45,7 +45,7 @@ def test_paper_experiment_pins_the_protocol(name):
         "image", 0.2, 1, 42)
     assert (cfg.probe.name, cfg.probe.C) == ("sklearn", 1.0)
     # steering
-    assert cfg.method._target_ == "icm_lab.methods.Icm"
+    assert cfg.method._target_ == "icm_lab.steering.methods.Icm"
     s = cfg.steer
     assert (s.alpha, s.start, s.end, s.halves, s.direction, s.units, s.policy) == (
         15.0, 0.3, None, "cond", "probe", "raw", "paper_batch")
@@ -57,7 +57,7 @@ def test_paper_experiment_pins_the_protocol(name):
         assert (cfg.layers.select, cfg.layers.kind, cfg.layers.k, cfg.layers.rank_by) == (
             "auto", "attn1", 3, "separability")
     # evaluation
-    assert cfg.labeler._target_ == "icm_lab.labeler.FairFaceLabeler"
+    assert cfg.labeler._target_ == "icm_lab.labeling.labelers.FairFaceLabeler"
     assert cfg.labeler.min_confidence == 0.0
     assert (cfg.eval.n_images_per_prompt, cfg.eval.features) == (512, "inception")
     assert (cfg.clip.model, cfg.clip.pretrained) == ("ViT-L-14-quickgelu", "openai")

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from matplotlib.colors import Normalize
 
-from icm_lab import figures
+from icm_lab.report import figures
 
 LAYERS = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1",
           "up_blocks.1.attentions.0.transformer_blocks.0.attn1",

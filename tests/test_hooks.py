@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import HeunDiscreteScheduler
 
-from icm_lab.hooks import AddVector, DenoiserHooks, Intervention, SwapContext
+from icm_lab.engine.hooks import AddVector, DenoiserHooks, Intervention, SwapContext
 from icm_lab.models.adapters import adapter_for, denoiser
 
 PROMPTS = ["a photo of a person", "a portrait of someone", "a face of a tourist"]

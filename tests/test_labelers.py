@@ -9,16 +9,16 @@ from PIL import Image
 from safetensors.torch import save_file
 from torchvision.transforms.functional import normalize, to_tensor
 
-from icm_lab.concepts import Concept
-from icm_lab.errors import UserError
-from icm_lab.labeler import (
+from icm_lab.core.concepts import Concept
+from icm_lab.core.errors import UserError
+from icm_lab.evaluation.metrics import fairness
+from icm_lab.labeling.labelers import (
     FAIRFACE_LABELS,
     UNDECIDED,
     FairFaceLabeler,
     OracleLabeler,
     load_fairface,
 )
-from icm_lab.metrics import fairness
 from icm_lab.toy import world
 from tests.conftest import make_config
 

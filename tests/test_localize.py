@@ -7,19 +7,19 @@ import torch
 from hydra.utils import instantiate
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
-from icm_lab.artefacts import ArtefactMismatchError, Provenance, seal
-from icm_lab.errors import ConfigError, UserError
-from icm_lab.models.layers import UnknownLayerError
-from icm_lab.probes import Probe, fit_probes, scores, targets
-from icm_lab.probeset import ProbeSet
-from icm_lab.resources import Resources
-from icm_lab.runner import run
-from icm_lab.schema import LocalizeConfig, section
-from icm_lab.selection import LayerSelection, rank_layers, step_window
-from icm_lab.splits import fold_indices, split_indices
+from icm_lab.app.runner import run
+from icm_lab.app.validation import validate
+from icm_lab.config.schema import LocalizeConfig, section
+from icm_lab.core.errors import ConfigError, UserError
+from icm_lab.core.layers import UnknownLayerError
+from icm_lab.core.selection import LayerSelection, rank_layers, step_window
+from icm_lab.io.artefacts import ArtefactMismatchError, Provenance, seal
+from icm_lab.io.store import ActivationStore, StoreWriter
+from icm_lab.probing.probes import Probe, fit_probes, scores, targets
+from icm_lab.probing.probeset import ProbeSet
+from icm_lab.probing.splits import fold_indices, split_indices
 from icm_lab.stages.localize import localize, localize_provenance
-from icm_lab.store import ActivationStore, StoreWriter
-from icm_lab.validation import validate
+from icm_lab.stages.resources import Resources
 from tests.conftest import make_config
 
 PLANTED = "up_blocks.1.attentions.0.transformer_blocks.0.attn1"
@@ -67,7 +67,7 @@ def test_logreg_reaches_the_optimum(n_classes):
 
 def test_logreg_reports_probes_that_did_not_converge(caplog):
     x, y, _ = planted_batch(strength=torch.linspace(0, 2, 6)[:, None, None])
-    with caplog.at_level("WARNING", logger="icm_lab.probes"):
+    with caplog.at_level("WARNING", logger="icm_lab.probing.probes"):
         fit_probes("logreg", x, y, 2)
         assert not caplog.records
         fit_probes("logreg", x, y, 2, max_iter=2)

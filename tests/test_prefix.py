@@ -9,9 +9,9 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
-from icm_lab.generation import Generator, Prefix
-from icm_lab.hooks import AddVector
-from icm_lab.resources import Resources
+from icm_lab.engine.generation import Generator, Prefix
+from icm_lab.engine.hooks import AddVector
+from icm_lab.stages.resources import Resources
 from tests.conftest import make_config
 
 N, STEPS = 3, 10

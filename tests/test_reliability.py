@@ -18,14 +18,14 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-import icm_lab.probeset
-from icm_lab import files
-from icm_lab.artefacts import damage, seal
-from icm_lab.errors import UserError
-from icm_lab.files import DiskFullError, atomic, write_image, write_json, write_table
-from icm_lab.generation import Prefix
-from icm_lab.probeset import ProbeSet
-from icm_lab.runner import run
+import icm_lab.probing.probeset
+from icm_lab.app.runner import run
+from icm_lab.core.errors import UserError
+from icm_lab.engine.generation import Prefix
+from icm_lab.io import files
+from icm_lab.io.artefacts import damage, seal
+from icm_lab.io.files import DiskFullError, atomic, write_image, write_json, write_table
+from icm_lab.probing.probeset import ProbeSet
 from tests.conftest import make_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,7 +156,7 @@ def test_a_full_disk_ends_the_run_in_one_line_and_the_rerun_resumes(tmp_path, mo
         raise SafetensorError("Error while serializing: I/O error: No space left on device "
                               "(os error 28)")
 
-    monkeypatch.setattr(icm_lab.probeset, "save_file", full)
+    monkeypatch.setattr(icm_lab.probing.probeset, "save_file", full)
     with pytest.raises(DiskFullError, match=r"disk is full: could not write .*probes\.safe"):
         run_stages(tmp_path, "stages=[collect,localize]")
     (probes,) = [p for p in (tmp_path / "outputs/artefacts/localize").iterdir() if p.is_dir()]

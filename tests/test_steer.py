@@ -5,14 +5,14 @@ import pytest
 import torch
 from PIL import Image
 
-from icm_lab.errors import ConfigError, UserError
-from icm_lab.hooks import DenoiserHooks
-from icm_lab.replay import regenerate
-from icm_lab.runner import run
-from icm_lab.schema import SteerConfig
-from icm_lab.selection import step_window
+from icm_lab.app.replay import regenerate
+from icm_lab.app.runner import run
+from icm_lab.config.schema import SteerConfig
+from icm_lab.core.errors import ConfigError, UserError
+from icm_lab.core.selection import step_window
+from icm_lab.engine.hooks import DenoiserHooks
 from icm_lab.stages.steer import SteerResult
-from icm_lab.steering import (
+from icm_lab.steering.plans import (
     UNTOUCHED,
     LayerEdit,
     SteerPlan,

@@ -13,12 +13,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from icm_lab.config import CONFIG_DIR, register_sweeps
-from icm_lab.errors import ConfigError, UserError
+from icm_lab.app.runner import objective, run
+from icm_lab.app.validation import validate
+from icm_lab.config.compose import CONFIG_DIR, register_sweeps
+from icm_lab.core.errors import ConfigError, UserError
+from icm_lab.io.store import ActivationStore
 from icm_lab.models.loading import resolve_device
-from icm_lab.runner import objective, run
-from icm_lab.store import ActivationStore
-from icm_lab.validation import validate
 from tests.conftest import make_config
 
 ROOT = Path(__file__).resolve().parent.parent

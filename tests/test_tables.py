@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from icm_lab.tables import latex_escape, make_tables
+from icm_lab.report.tables import latex_escape, make_tables
 
 
 def write_run(directory, method, alpha, fd, clip_i, layers=("mid_block",), seed=0,

@@ -6,17 +6,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from icm_lab.concepts import Concept
-from icm_lab.config import compose_config
-from icm_lab.generation import Generator
-from icm_lab.hooks import SwapContext
+from icm_lab.app.runner import run
+from icm_lab.app.validation import build
+from icm_lab.config.compose import compose_config
+from icm_lab.core.concepts import Concept
+from icm_lab.engine.generation import Generator
+from icm_lab.engine.hooks import SwapContext
 from icm_lab.models.adapters import adapter_for
-from icm_lab.resources import Resources
-from icm_lab.runner import run
+from icm_lab.stages.resources import Resources
+from icm_lab.tools.toy_quality import measure
+from icm_lab.tools.toy_train import Settings, train
 from icm_lab.toy import world
-from icm_lab.toy.quality import measure
-from icm_lab.toy.train import Settings, train
-from icm_lab.validation import build
 from tests.conftest import make_config
 
 

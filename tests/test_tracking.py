@@ -16,9 +16,9 @@ import psutil
 import pytest
 import wandb
 
-from icm_lab import tracking
-from icm_lab.runner import run
-from icm_lab.tracking import WandbTracker
+from icm_lab.app.runner import run
+from icm_lab.io import tracking
+from icm_lab.io.tracking import WandbTracker
 from tests.conftest import make_config, wandb_records
 
 # Two ways to be refused at once (a malformed key, or a well-formed one that the server

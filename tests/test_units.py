@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from icm_lab.errors import ConfigError
-from icm_lab.methods import Icm, RandomDirections
-from icm_lab.probeset import projection_std
-from icm_lab.steering import UNTOUCHED, SteerPlan, calibrated_edit
-from icm_lab.validation import validate
+from icm_lab.app.validation import validate
+from icm_lab.core.errors import ConfigError
+from icm_lab.probing.probeset import projection_std
+from icm_lab.steering.methods import Icm, RandomDirections
+from icm_lab.steering.plans import UNTOUCHED, SteerPlan, calibrated_edit
 from tests.conftest import make_config
 from tests.test_localize import PLANTED, planted_localize
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from icm_lab.cli import check_overrides
+from icm_lab.app.cli import check_overrides
 from tests.conftest import TEST_DEFAULTS
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,8 +20,8 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from diffusers import DiffusionPipeline
 
-from icm_lab.errors import ConfigError, UserError
-from icm_lab.models.layers import LayerInfo, LayerRegistry
+from icm_lab.core.errors import ConfigError, UserError
+from icm_lab.core.layers import LayerInfo, LayerRegistry
 
 
 class TextContext(NamedTuple):

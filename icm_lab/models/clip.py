@@ -13,7 +13,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from icm_lab.errors import ConfigError, ModelUnavailable, choices_error
+from icm_lab.core.errors import ConfigError, ModelUnavailable, choices_error
 from icm_lab.models.loading import hub_offline, like_parameters, local_folder, resolve_device
 
 # Model configs of our own (tiny random CLIP, the toy world's CLIP), registered with open_clip.

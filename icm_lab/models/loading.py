@@ -19,9 +19,9 @@ from diffusers import DiffusionPipeline
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from icm_lab.errors import ConfigError, ModelUnavailable, choices_error
+from icm_lab.core.errors import ConfigError, ModelUnavailable, choices_error
 from icm_lab.models.adapters import ADAPTERS, ModelAdapter, adapter_for, layer_registry
-from icm_lab.models.layers import LayerRegistry
+from icm_lab.core.layers import LayerRegistry
 from icm_lab.models.tiny import BUILDERS, build_random
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from pathlib import Path
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from transformers import CLIPTokenizer, PreTrainedTokenizerFast
 
-from icm_lab.files import write_text
+from icm_lab.io.files import write_text
 
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 CLIP_MAX_LENGTH = 77

@@ -33,24 +33,24 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from icm_lab.artefacts import Provenance, fingerprint, read_json, seal
-from icm_lab.errors import UserError
-from icm_lab.figures import causal_heatmaps, layer_ranking, separability_vs_effect
-from icm_lab.files import write_json, write_table
-from icm_lab.generation import PrefixRows
-from icm_lab.hooks import AddVector
-from icm_lab.labeler import UNDECIDED, Labels
-from icm_lab.methods import Icm
-from icm_lab.models.layers import LayerInfo
-from icm_lab.probeset import ProbeSet
-from icm_lab.resources import Resources
-from icm_lab.sampling import sample_plan
-from icm_lab.schema import LAYER_KINDS, CausalConfig, SteerConfig
-from icm_lab.selection import ALL_CLASSES, STEERING, LayerSelection, rank_effects, rank_layers
-from icm_lab.selection import step_window as fraction_window
+from icm_lab.config.schema import LAYER_KINDS, CausalConfig, SteerConfig
+from icm_lab.core.errors import UserError
+from icm_lab.core.layers import LayerInfo
+from icm_lab.core.selection import ALL_CLASSES, STEERING, LayerSelection, rank_effects, rank_layers
+from icm_lab.core.selection import step_window as fraction_window
+from icm_lab.engine.generation import PrefixRows
+from icm_lab.engine.hooks import AddVector
+from icm_lab.io.artefacts import Provenance, fingerprint, read_json, seal
+from icm_lab.io.files import write_json, write_table
+from icm_lab.labeling.labelers import UNDECIDED, Labels
+from icm_lab.labeling.sampling import sample_plan
+from icm_lab.probing.probeset import ProbeSet
+from icm_lab.report.figures import causal_heatmaps, layer_ranking, separability_vs_effect
 from icm_lab.stages.localize import Localization
+from icm_lab.stages.resources import Resources
 from icm_lab.stages.steer import make_plan
-from icm_lab.steering import SteerPlan
+from icm_lab.steering.methods import Icm
+from icm_lab.steering.plans import SteerPlan
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from icm_lab.artefacts import Provenance, fingerprint
-from icm_lab.resources import Resources
-from icm_lab.sampling import labelled_table, sample_plan, save_images
-from icm_lab.schema import CollectConfig
-from icm_lab.store import ActivationStore, StoreWriter, tidy
+from icm_lab.config.schema import CollectConfig
+from icm_lab.io.artefacts import Provenance, fingerprint
+from icm_lab.io.store import ActivationStore, StoreWriter, tidy
+from icm_lab.labeling.sampling import labelled_table, sample_plan, save_images
+from icm_lab.stages.resources import Resources
 
 log = logging.getLogger(__name__)
 

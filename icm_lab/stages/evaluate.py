@@ -27,10 +27,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from icm_lab.errors import UserError
-from icm_lab.figures import class_distribution
-from icm_lab.files import write_json, write_table
-from icm_lab.metrics import (
+from icm_lab.config.schema import EvalConfig
+from icm_lab.core.errors import UserError
+from icm_lab.evaluation.metrics import (
     BOOTSTRAP,
     FEATURES,
     bootstrap_fairness,
@@ -42,11 +41,12 @@ from icm_lab.metrics import (
     kid_subset,
     reference_statistics,
 )
+from icm_lab.io.files import write_json, write_table
 from icm_lab.models.clip import Clip, open_image
-from icm_lab.resources import Resources
-from icm_lab.schema import EvalConfig
+from icm_lab.report.figures import class_distribution
+from icm_lab.stages.resources import Resources
 from icm_lab.stages.steer import SteerResult
-from icm_lab.steering import SteerPlan
+from icm_lab.steering.plans import SteerPlan
 
 log = logging.getLogger(__name__)
 

@@ -23,22 +23,22 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from icm_lab.artefacts import Provenance, fingerprint
-from icm_lab.errors import UserError
-from icm_lab.figures import explicit_swap_comparison, layer_ranking, separability_heatmaps
-from icm_lab.files import write_json, write_table
-from icm_lab.hooks import SwapContext
-from icm_lab.labeler import UNDECIDED
-from icm_lab.models.layers import LayerInfo
+from icm_lab.config.schema import LocalizeConfig
+from icm_lab.core.errors import UserError
+from icm_lab.core.layers import LayerInfo
+from icm_lab.core.selection import LayerSelection, rank_layers
+from icm_lab.engine.hooks import SwapContext
+from icm_lab.io.artefacts import Provenance, fingerprint
+from icm_lab.io.files import write_json, write_table
+from icm_lab.io.store import ActivationStore
+from icm_lab.labeling.labelers import UNDECIDED
+from icm_lab.labeling.sampling import sample_plan
 from icm_lab.models.loading import resolve_device
-from icm_lab.probes import Probe, fit_probes, scores
-from icm_lab.probeset import ProbeSet
-from icm_lab.resources import Resources
-from icm_lab.sampling import sample_plan
-from icm_lab.schema import LocalizeConfig
-from icm_lab.selection import LayerSelection, rank_layers
-from icm_lab.splits import fold_indices
-from icm_lab.store import ActivationStore
+from icm_lab.probing.probes import Probe, fit_probes, scores
+from icm_lab.probing.probeset import ProbeSet
+from icm_lab.probing.splits import fold_indices
+from icm_lab.report.figures import explicit_swap_comparison, layer_ranking, separability_heatmaps
+from icm_lab.stages.resources import Resources
 
 log = logging.getLogger(__name__)
 

@@ -21,17 +21,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from icm_lab.artefacts import Provenance, fingerprint, seal
-from icm_lab.figures import before_after_grid
-from icm_lab.files import write_table
-from icm_lab.labeler import UNDECIDED
-from icm_lab.methods import SteeringMethod
-from icm_lab.resources import Resources
-from icm_lab.sampling import eval_plan, labelled_table, save_images
-from icm_lab.schema import SteerConfig
-from icm_lab.selection import step_window
+from icm_lab.config.schema import SteerConfig
+from icm_lab.core.selection import step_window
+from icm_lab.io.artefacts import Provenance, fingerprint, seal
+from icm_lab.io.files import write_table
+from icm_lab.labeling.labelers import UNDECIDED
+from icm_lab.labeling.sampling import eval_plan, labelled_table, save_images
+from icm_lab.report.figures import before_after_grid
 from icm_lab.stages.localize import Localization
-from icm_lab.steering import UNTOUCHED, SteerPlan, assign_targets
+from icm_lab.stages.resources import Resources
+from icm_lab.steering.methods import SteeringMethod
+from icm_lab.steering.plans import UNTOUCHED, SteerPlan, assign_targets
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Entry points: the command line, the stage runner, config validation and replay."""

@@ -1,0 +1,1 @@
+"""The structured config (schema) and composing it outside `@hydra.main`."""

@@ -1,0 +1,2 @@
+"""Domain primitives with no model behind them: errors, concepts, the layer registry, layer
+selection."""

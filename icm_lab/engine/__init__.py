@@ -1,0 +1,1 @@
+"""The hook engine on the denoiser and batched generation with cached prefixes."""

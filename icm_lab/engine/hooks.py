@@ -1,0 +1,398 @@
+"""One hook engine to read (record) and write (add) layer outputs while a pipeline denoises.
+
+The engine never counts module calls to know the step. A pre-hook on the denoiser reads the
+timestep the pipeline passes to it and looks its index up in the scheduler's timesteps, so the
+step is right for any step count, with or without classifier-free guidance (CFG), and for
+samplers that call the denoiser more than once per step. The same pre-hook reads
+`pipe.do_classifier_free_guidance` to know whether the batch is CFG-doubled, `[uncond | cond]`
+in diffusers, and so which rows are the conditional half. The argument names and the half
+order come from the model's adapter.
+
+    with DenoiserHooks(pipe, registry, record=names, interventions=[AddVector(...)]) as hooks:
+        images = pipe(prompts, ...).images
+    activations = hooks.recording()   # {layer: float16 array [batch, steps, width]}
+
+Hooks are removed when the block exits, on exceptions too. One more hook wraps the denoiser's
+forward (diffusers' `HookRegistry`): it counts the calls that compute (`hooks.calls`), and with
+`skip_before=s` answers the calls of steps before s with zeros at once, for a generation that
+continues from cached latents (`generation.Prefix`) which overwrite what those steps produced.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.hooks import HookRegistry, ModelHook
+
+from icm_lab.models.adapters import TextContext, adapter_for
+from icm_lab.core.layers import LayerRegistry
+from icm_lab.models.loading import like_parameters
+
+
+class Intervention:
+    """An edit to one layer during a step window: plain, serialisable data (pyvene-style).
+    Each kind knows how to hook itself onto its module."""
+
+    layer: str
+    start: int
+    end: int | None
+
+    def active(self, state: StepState) -> bool:
+        end = state.n_steps if self.end is None else self.end
+        return self.start <= state.step < end
+
+    def attach(self, module: torch.nn.Module, state: StepState, net: torch.nn.Module):
+        raise NotImplementedError
+
+    def rows(self, start: int, stop: int) -> Intervention:
+        """The same intervention for samples `start:stop` only (one batch of a larger plan)."""
+        raise NotImplementedError
+
+    def to_dict(self, tensors: dict[str, torch.Tensor], key: str) -> dict[str, Any]:
+        """Plain JSON-able data; each tensor goes into `tensors` (for a safetensors file) under
+        `key/<field>` and is referenced by that key."""
+        data: dict[str, Any] = {"kind": type(self).__name__}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, torch.Tensor):
+                tensors[f"{key}/{item.name}"] = value.detach().cpu().contiguous()
+                value = {"tensor": f"{key}/{item.name}"}
+            data[item.name] = value
+        return data
+
+    @staticmethod
+    def from_dict(data: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Intervention:
+        """The inverse of `to_dict`."""
+        kinds = {cls.__name__: cls for cls in (AddVector, SwapContext)}
+        values = {k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v
+                  for k, v in data.items() if k != "kind"}
+        return kinds[data["kind"]](**values)
+
+
+@dataclass
+class AddVector(Intervention):
+    """Add a vector to every token of one layer's output.
+
+    `vectors` is `[batch, width]` (the same every step) or `[batch, steps, width]`, one row per
+    conditional sample. A sample whose row is all zeros is left untouched, so one batch can hold
+    steered and unsteered samples with several targets. The vector is added at steps
+    `start <= step < end`, to the conditional half or to both CFG halves. With `renorm`, each
+    token is rescaled back to its original norm after the addition.
+    """
+
+    layer: str
+    vectors: torch.Tensor
+    start: int = 0
+    end: int | None = None
+    halves: Literal["cond", "both"] = "cond"
+    renorm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.vectors.ndim not in (2, 3):
+            raise ValueError(
+                f"intervention on {self.layer}: vectors must be [batch, width] or "
+                f"[batch, steps, width], got shape {tuple(self.vectors.shape)}"
+            )
+        if not torch.isfinite(self.vectors).all():
+            raise ValueError(f"intervention on {self.layer}: vectors hold NaN or infinity")
+        if self.halves not in ("cond", "both"):
+            raise ValueError(f"halves must be 'cond' or 'both', got {self.halves!r}")
+
+    def attach(self, module: torch.nn.Module, state: StepState, net: torch.nn.Module):
+        return module.register_forward_hook(_AddHook(self, state, net))
+
+    def rows(self, start: int, stop: int) -> AddVector:
+        return replace(self, vectors=self.vectors[start:stop])
+
+
+@dataclass
+class SwapContext(Intervention):
+    """Replace the text context (`encoder_hidden_states`) that reaches one cross-attention layer,
+    on the conditional half only: the explicit-conditioning baseline. `context` is
+    `[batch, tokens, dim]`, one row per conditional sample, from the pipeline's own encoder
+    (`adapter.text_context`). Where attn2 also takes the text's attention mask (Sana), `mask`
+    is the swapped prompt's, in the form the layer receives it, and is swapped with the context:
+    the original prompt's mask would hide or expose the wrong tokens of the new one."""
+
+    layer: str
+    context: torch.Tensor
+    start: int = 0
+    end: int | None = None
+    mask: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, layer: str, text: TextContext, start: int = 0,
+           end: int | None = None) -> SwapContext:
+        return cls(layer, text.context, start, end, text.mask)
+
+    def rows(self, start: int, stop: int) -> SwapContext:
+        mask = None if self.mask is None else self.mask[start:stop]
+        return replace(self, context=self.context[start:stop], mask=mask)
+
+    def attach(self, module: torch.nn.Module, state: StepState, net: torch.nn.Module):
+        context = like_parameters(self.context, net)
+        mask = None if self.mask is None else like_parameters(self.mask, net)
+
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict):
+            if not self.active(state):
+                return None
+            original = kwargs.get("encoder_hidden_states")
+            if original is None:
+                raise ValueError(f"{self.layer} gets no encoder_hidden_states: not an attn2 layer")
+            swapped = {"encoder_hidden_states": _swap_rows(self.layer, "context", original,
+                                                           context, state)}
+            original_mask = kwargs.get("attention_mask")
+            if (original_mask is None) != (mask is None):
+                raise ValueError(f"{self.layer} gets {'no' if original_mask is None else 'a'} "
+                                 f"text attention mask but the swap has "
+                                 f"{'none' if mask is None else 'one'}; build it with "
+                                 "SwapContext.of(layer, adapter.text_context(...))")
+            if mask is not None:
+                swapped["attention_mask"] = _swap_rows(self.layer, "mask", original_mask, mask,
+                                                       state)
+            return args, {**kwargs, **swapped}
+
+        return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _swap_rows(layer: str, what: str, original: torch.Tensor, rows: torch.Tensor,
+               state: StepState) -> torch.Tensor:
+    """`original` with its conditional rows replaced by `rows` (shapes checked)."""
+    if rows.shape[0] != state.cond_batch or rows.shape[1:] != original.shape[1:]:
+        raise ValueError(
+            f"{what} for {layer} has shape {tuple(rows.shape)}; the layer expects "
+            f"[{state.cond_batch}, {', '.join(map(str, original.shape[1:]))}]"
+        )
+    swapped = original.clone()
+    swapped[state.cond_rows] = rows
+    return swapped
+
+
+@dataclass
+class StepState:
+    """What the denoiser's current call tells the hooks."""
+
+    step: int = -1
+    n_steps: int = 0
+    batch: int = 0
+    sample: tuple[torch.Size, torch.dtype, torch.device] | None = None  # the latents' layout
+    cfg: bool = False
+    cond_last: bool = True  # CFG batch order: [uncond | cond] (diffusers) or [cond | uncond]
+
+    @property
+    def cond_rows(self) -> slice:
+        if not self.cfg:
+            return slice(0, self.batch)
+        half = self.batch // 2
+        return slice(half, self.batch) if self.cond_last else slice(0, half)
+
+    @property
+    def uncond_offset(self) -> int:
+        """Row offset from a conditional sample to its unconditional twin."""
+        return -self.cond_batch if self.cond_last else self.cond_batch
+
+    @property
+    def cond_batch(self) -> int:
+        return self.batch // 2 if self.cfg else self.batch
+
+
+class DenoiserHooks:
+    """Context manager that records and/or steers the given layers of a pipeline's denoiser."""
+
+    def __init__(
+        self,
+        pipe: DiffusionPipeline,
+        registry: LayerRegistry,
+        record: Sequence[str] = (),
+        interventions: Iterable[Intervention] = (),
+        skip_before: int = 0,
+    ):
+        self.pipe = pipe
+        self.adapter = adapter_for(pipe)
+        self.net = self.adapter.denoiser(pipe)
+        self.record_layers = [registry[name] for name in record]
+        self.interventions = list(interventions)
+        for intervention in self.interventions:
+            registry[intervention.layer]  # unknown layer: a clear error now, not mid-generation
+        self.state = StepState(cond_last=self.adapter.cond_half_last)
+        self.gate = _DenoiserGate(self.state, skip_before, self.net.config)
+        self._gate_name = f"icm_lab.denoiser_gate.{id(self)}"  # nested engines each have one
+        self._signature = inspect.signature(self.net.forward)
+        self._timesteps: tuple[int, torch.Tensor] | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._means: dict[str, torch.Tensor] = {}
+        self._steps: dict[int, torch.Tensor] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> DenoiserHooks:
+        try:
+            self._attach()
+        except BaseException:
+            self._detach()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._detach()
+
+    @property
+    def calls(self) -> int:
+        """Denoiser calls that computed (skipped prefix steps not counted)."""
+        return self.gate.calls
+
+    def _attach(self) -> None:
+        modules = dict(self.net.named_modules())
+        self._handles.append(
+            self.net.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True)
+        )
+        HookRegistry.check_if_exists_or_initialize(self.net).register_hook(self.gate,
+                                                                           self._gate_name)
+        # Interventions first, so a layer that is both steered and recorded records its output
+        # after steering.
+        for intervention in self.interventions:
+            module = modules[intervention.layer]
+            self._handles.append(intervention.attach(module, self.state, self.net))
+        for layer in self.record_layers:
+            hook = self._record_hook(layer.name)
+            self._handles.append(modules[layer.name].register_forward_hook(hook))
+        if self.record_layers:
+            self._handles.append(self.net.register_forward_hook(self._on_denoiser_done))
+
+    def _detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        registry = getattr(self.net, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(self._gate_name) is self.gate:
+            registry.remove_hook(self._gate_name, recurse=False)
+            if not registry.hooks:  # leave the module as it was: no registry, class forward
+                del self.net._diffusers_hook
+                self.net.__dict__.pop("forward", None)
+
+    # -- step tracking ---------------------------------------------------------------------
+    def _on_denoiser_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = self._signature.bind(*args, **kwargs).arguments
+        timestep = bound[self.adapter.timestep_arg]
+        sample = bound[self.adapter.sample_arg]
+        self.state.step, self.state.n_steps = self._step_index(timestep)
+        self.state.batch = sample.shape[0]
+        self.state.sample = (sample.shape, sample.dtype, sample.device)
+        self.state.cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
+
+    def _step_index(self, timestep: torch.Tensor | float) -> tuple[int, int]:
+        """Index of `timestep` among the scheduler's distinct timesteps, nearest match.
+
+        Nearest, not exact, because pipelines may cast the timestep to a low-precision dtype
+        (Sana uses bf16). Consecutive repeats (Heun-style samplers) count as one step.
+        """
+        timesteps = self.pipe.scheduler.timesteps
+        key = (id(timesteps), len(timesteps))
+        if self._timesteps is None or self._timesteps[0] != key:
+            self._timesteps = (key, torch.unique_consecutive(timesteps.detach().float().cpu()))
+        distinct = self._timesteps[1]
+        t = float(torch.as_tensor(timestep).reshape(-1)[0])
+        return int(torch.argmin((distinct - t).abs())), len(distinct)
+
+    # -- recording -------------------------------------------------------------------------
+    def _record_hook(self, name: str):
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            cond = out[self.state.cond_rows]
+            # Mean over spatial tokens: [B, T, C] attention outputs or [B, C, H, W] feature maps.
+            dims = (1,) if cond.ndim == 3 else (2, 3)
+            self._means[name] = cond.mean(dim=dims, dtype=torch.float32)
+
+        return hook
+
+    def _on_denoiser_done(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        missing = [layer.name for layer in self.record_layers if layer.name not in self._means]
+        if missing:
+            raise RuntimeError(f"layers {missing} were not called at step {self.state.step}")
+        # Stays on the device; a Heun-style second call overwrites its step's first.
+        self._steps[self.state.step] = torch.cat(
+            [self._means[layer.name] for layer in self.record_layers], dim=1
+        )
+        self._means.clear()
+
+    def recording(self) -> dict[str, np.ndarray]:
+        """The recorded means, `{layer: float16 [batch, steps, width]}`, one transfer in all."""
+        if not self._steps:
+            raise RuntimeError("nothing was recorded: run the pipeline inside the `with` block")
+        n_steps = self.state.n_steps
+        if sorted(self._steps) != list(range(n_steps)):
+            raise RuntimeError(f"recorded steps {sorted(self._steps)} but expected {n_steps}")
+        stacked = torch.stack([self._steps[s] for s in range(n_steps)], dim=1)
+        stacked = stacked.to("cpu", torch.float16).numpy()
+        widths = np.cumsum([0] + [layer.width for layer in self.record_layers])
+        return {
+            layer.name: stacked[:, :, widths[i] : widths[i + 1]]
+            for i, layer in enumerate(self.record_layers)
+        }
+
+
+class _DenoiserGate(ModelHook):
+    """Counts the denoiser's computing calls; answers those of steps before `skip_before` with
+    zeros, without computing. Runs after the step-tracking pre-hook, so the step is known."""
+
+    def __init__(self, state: StepState, skip_before: int, config: Any):
+        super().__init__()
+        self.state, self.skip_before = state, skip_before
+        self.out_channels = getattr(config, "out_channels", None)
+        self.calls = 0
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self.state.step >= self.skip_before:
+            self.calls += 1
+            return self.fn_ref.original_forward(*args, **kwargs)
+        if kwargs.get("return_dict", True):
+            raise RuntimeError("a skipped denoiser call must be made with return_dict=False, "
+                               "as diffusers pipelines make it")
+        shape, dtype, device = self.state.sample
+        channels = self.out_channels or shape[1]
+        return (torch.zeros((shape[0], channels, *shape[2:]), dtype=dtype, device=device),)
+
+
+class _AddHook:
+    """The forward hook that applies one AddVector, with its vectors moved to the device once."""
+
+    def __init__(self, intervention: AddVector, state: StepState, net: torch.nn.Module):
+        self.spec = intervention
+        self.state = state
+        self.vectors = like_parameters(intervention.vectors, net)
+        nonzero = self.vectors.reshape(len(self.vectors), -1).abs().sum(dim=1) > 0
+        self.active = torch.nonzero(nonzero).flatten()
+
+    def __call__(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        spec, state = self.spec, self.state
+        if not spec.active(state) or len(self.active) == 0:
+            return None
+        if len(self.vectors) != state.cond_batch:
+            raise ValueError(
+                f"intervention on {spec.layer} has {len(self.vectors)} vectors but the "
+                f"conditional batch has {state.cond_batch} samples"
+            )
+        out = output[0] if isinstance(output, tuple) else output
+        vectors = self.vectors[:, state.step] if self.vectors.ndim == 3 else self.vectors
+        delta = vectors[self.active]
+        rows = self.active + state.cond_rows.start
+        if state.cfg and spec.halves == "both":
+            rows = torch.cat([rows + state.uncond_offset, rows])
+            delta = torch.cat([delta, delta])
+        # Broadcast over tokens: [n, C] -> [n, 1, C] for [B, T, C], [n, C, 1, 1] for [B, C, H, W].
+        delta = delta[:, None, :] if out.ndim == 3 else delta[:, :, None, None]
+        channel_dim = -1 if out.ndim == 3 else 1
+        before = out[rows]
+        after = before + delta
+        if spec.renorm:
+            scale = before.norm(dim=channel_dim, keepdim=True) / after.norm(
+                dim=channel_dim, keepdim=True
+            ).clamp_min(1e-12)
+            after = after * scale
+        out[rows] = after  # in place: untouched rows stay bit-for-bit what the layer produced
+        return output

@@ -1,0 +1,1 @@
+"""Files on disk: atomic writes, sealed artefacts, the activation store, experiment tracking."""

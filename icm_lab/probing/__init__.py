@@ -1,0 +1,1 @@
+"""Linear probes per (layer, step), their cross-validation splits and the saved probe set."""

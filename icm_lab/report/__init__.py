@@ -1,0 +1,1 @@
+"""Figures of one run and the paper-style tables over many."""

@@ -1,0 +1,1 @@
+"""Steering plans and the methods that build them (ICM and its baselines)."""
