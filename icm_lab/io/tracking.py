@@ -21,7 +21,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pandas as pd
-import wandb
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ class WandbTracker(Tracker):
     def __init__(self, run_dir: Path, config: dict, name: str, group: str | None = None,
                  project: str = "icm_lab", entity: str | None = None, mode: str | None = None,
                  init_timeout: float = 10.0):
-        self.wandb = wandb
+        self.wandb = _wandb()
         self.run_dir = run_dir
         self.failed = False  # a call failed: warned once, mirroring stopped
         init = dict(project=project, entity=entity, group=group, name=name, dir=str(run_dir),
@@ -70,8 +69,8 @@ class WandbTracker(Tracker):
         problem = _online_problem()
         if problem is None:
             try:  # the probe passed, but the server may still refuse or stall
-                return wandb.init(mode=mode, **init,
-                                  settings=wandb.Settings(init_timeout=init_timeout))
+                return _wandb().init(mode=mode, **init,
+                                      settings=_wandb().Settings(init_timeout=init_timeout))
             except Exception as error:  # CommError, AuthenticationError, UsageError, ...
                 problem = _one_line(error)
         run = self._init_or_none(mode="offline", **init)
@@ -82,7 +81,7 @@ class WandbTracker(Tracker):
 
     def _init_or_none(self, **init: Any) -> Any:
         try:
-            return wandb.init(**init)
+            return _wandb().init(**init)
         except Exception as error:
             log.warning("W&B: cannot start a run (%s); this run is not tracked, its results are "
                         "on disk in %s", _one_line(error), self.run_dir)
@@ -120,12 +119,20 @@ class WandbTracker(Tracker):
             _reset_wandb()
 
 
+def _wandb() -> Any:
+    """The wandb module, imported by the W&B tracker alone: `logger=none` runs never pay its
+    start-up, nor need it installed (a bare GPU host, the rehearsal kit)."""
+    import wandb
+
+    return wandb
+
+
 def _online_problem() -> str | None:
     """Why W&B cannot log online now (no key, bad key, no answer), or None."""
     if not _has_wandb_key():
         return "no API key found"  # and no prompt for one: runs are often unattended
     try:  # recent wandb checks the key in the constructor, older ones on the first query
-        wandb.Api(timeout=PROBE_TIMEOUT_S).viewer  # noqa: B018
+        _wandb().Api(timeout=PROBE_TIMEOUT_S).viewer  # noqa: B018
     except Exception as error:
         return _one_line(error)
     return None
@@ -134,7 +141,7 @@ def _online_problem() -> str | None:
 def _has_wandb_key() -> bool:
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url).hostname
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or _wandb().Settings().base_url).hostname
     try:  # `wandb login` stores the key in ~/.netrc under the server's host
         found = netrc.netrc(os.environ.get("NETRC")).authenticators(host or "")
     except (OSError, netrc.NetrcParseError):
@@ -146,7 +153,7 @@ def _reset_wandb() -> None:
     """Drop wandb's process state (a dead service connection), so that the next run in this
     process (a job of a multirun) starts afresh."""
     try:
-        wandb.teardown()
+        _wandb().teardown()
     except Exception as error:  # teardown reports the dead connection, then resets anyway
         log.debug("W&B: teardown: %s", _one_line(error))
 
