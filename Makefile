@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 MODEL ?= toy
 
-.PHONY: install test test-fast run bench lint layers tables sweep toy-model toy-quality clean
+.PHONY: install test test-fast run bench lint layers tables sweep toy-model toy-quality clean \
+	gpu-kit gpu-rehearsal gpu-smoke
 
 install: $(INSTALLED)
 
@@ -62,6 +63,21 @@ toy-quality: $(INSTALLED)
 
 layers: $(INSTALLED)
 	$(PY) -m icm_lab layers model=$(MODEL)
+
+# The GPU rehearsal (docs/gpu.md). gpu-kit: the wheels the GPU machine lacks, into .whl/ (git-
+# ignored; carry it). gpu-rehearsal, on that machine: SD1.5, SDXL and Sana at full size into OUT.
+# gpu-smoke: the same script on the tiny twins, on this CPU.
+OUT ?= outputs/rehearsal
+gpu-kit: $(INSTALLED)
+	rm -rf .whl
+	$(PY) -m pip wheel --quiet --no-deps --wheel-dir .whl -r icm_lab/tools/gpu_kit.txt
+	@du -sh .whl
+
+gpu-rehearsal:
+	bash icm_lab/tools/gpu_rehearsal.sh $(OUT)
+
+gpu-smoke: $(INSTALLED)
+	$(PY) -m icm_lab.tools.rehearsal $(OUT)-smoke --smoke
 
 clean:
 	rm -rf outputs/runs outputs/multirun outputs/artefacts .pytest_cache

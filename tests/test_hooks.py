@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import HeunDiscreteScheduler
 
-from icm_lab.engine.hooks import AddVector, DenoiserHooks, Intervention, SwapContext
+from icm_lab.engine.hooks import AddVector, DenoiserHooks, Intervention, SwapContext, view_position
 from icm_lab.models.adapters import adapter_for, denoiser
 
 PROMPTS = ["a photo of a person", "a portrait of someone", "a face of a tourist"]
@@ -295,3 +295,17 @@ def test_interventions_round_trip_through_plain_data():
         for key, value in vars(original).items():
             other = getattr(restored, key)
             assert torch.equal(value, other) if torch.is_tensor(value) else value == other
+
+
+def test_a_timestep_that_views_the_schedule_is_located_without_reading_it():
+    """The SD pipelines pass `t`, an element of `scheduler.timesteps`: its position comes from
+    the storage's metadata (no device read, no host sync on a GPU); a cast copy (Sana's bf16)
+    is not a view and is read instead."""
+    schedule = torch.tensor([981, 961, 941, 921])
+    for i, t in enumerate(schedule):
+        assert view_position(t, schedule) == i
+    assert view_position(schedule[2].expand(4), schedule) == 2  # t.expand(batch)
+    assert view_position(schedule[2].clone(), schedule) is None
+    assert view_position(schedule[2].to(torch.bfloat16), schedule) is None
+    assert view_position(schedule[1:3], schedule) is None
+    assert view_position(941, schedule) is None

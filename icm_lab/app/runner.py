@@ -1,7 +1,7 @@
 """The runner: owns the stage graph and wires each stage to its inputs.
 
     collect --> localize --> steer --> evaluate
-                   \--> causal --/   (causal: asked for, or needed by layers.rank_by=causal)
+                   └─> causal ─┘   (causal: asked for, or needed by layers.rank_by=causal)
 
 A stage is a function of the shared resources (`Resources`), its own config section (a checked
 dataclass from `schema.py`) and the results of the stages it needs; it returns a typed result.
@@ -20,18 +20,18 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from icm_lab.core.errors import UserError
-from icm_lab.io.files import write_text
-from icm_lab.steering.methods import SteeringMethod
-from icm_lab.stages.resources import Resources
+from icm_lab.app.validation import validate
 from icm_lab.config.schema import STAGES, section
+from icm_lab.core.errors import UserError
 from icm_lab.core.selection import LayerSelection, step_window
+from icm_lab.io.files import write_text
 from icm_lab.stages.causal import causal, select_by_effect
 from icm_lab.stages.collect import collect
 from icm_lab.stages.evaluate import evaluate
 from icm_lab.stages.localize import Localization, load_localization, localize
+from icm_lab.stages.resources import Resources
 from icm_lab.stages.steer import steer
-from icm_lab.app.validation import validate
+from icm_lab.steering.methods import SteeringMethod
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.hooks import HookRegistry, ModelHook
 
-from icm_lab.models.adapters import TextContext, adapter_for
 from icm_lab.core.layers import LayerRegistry
+from icm_lab.models.adapters import TextContext, adapter_for
 from icm_lab.models.loading import like_parameters
 
 
@@ -289,14 +289,20 @@ class DenoiserHooks:
         """Index of `timestep` among the scheduler's distinct timesteps, nearest match.
 
         Nearest, not exact, because pipelines may cast the timestep to a low-precision dtype
-        (Sana uses bf16). Consecutive repeats (Heun-style samplers) count as one step.
+        (Sana uses bf16). Consecutive repeats (Heun-style samplers) count as one step. The
+        value is read from a host copy of the schedule when `timestep` is a view of it (the SD
+        pipelines pass `t` itself), so no step waits on the GPU; only a cast copy is read from
+        the device.
         """
         timesteps = self.pipe.scheduler.timesteps
         key = (id(timesteps), len(timesteps))
         if self._timesteps is None or self._timesteps[0] != key:
-            self._timesteps = (key, torch.unique_consecutive(timesteps.detach().float().cpu()))
-        distinct = self._timesteps[1]
-        t = float(torch.as_tensor(timestep).reshape(-1)[0])
+            host = timesteps.detach().float().cpu()  # once per schedule, before the first step
+            self._timesteps = (key, host, torch.unique_consecutive(host))
+        _, host, distinct = self._timesteps
+        position = view_position(timestep, timesteps)
+        t = float(host[position] if position is not None
+                  else torch.as_tensor(timestep).reshape(-1)[0])
         return int(torch.argmin((distinct - t).abs())), len(distinct)
 
     # -- recording -------------------------------------------------------------------------
@@ -356,6 +362,21 @@ class _DenoiserGate(ModelHook):
         shape, dtype, device = self.state.sample
         channels = self.out_channels or shape[1]
         return (torch.zeros((shape[0], channels, *shape[2:]), dtype=dtype, device=device),)
+
+
+def view_position(view: Any, base: torch.Tensor) -> int | None:
+    """Where `view`, a scalar of the 1-d `base` or that scalar expanded, sits in `base`, read
+    from the storage's metadata alone (no device read); None if it is no such view."""
+    if not (isinstance(view, torch.Tensor) and isinstance(base, torch.Tensor)) or base.ndim != 1:
+        return None
+    if view.dtype != base.dtype or view.device != base.device or any(view.stride()):
+        return None  # a cast copy, or a tensor that is not one repeated element
+    if view.untyped_storage().data_ptr() != base.untyped_storage().data_ptr():
+        return None
+    offset, stride = view.storage_offset() - base.storage_offset(), base.stride(0)
+    if stride <= 0 or offset % stride or not 0 <= offset // stride < len(base):
+        return None
+    return offset // stride
 
 
 class _AddHook:

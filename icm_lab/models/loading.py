@@ -20,8 +20,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from icm_lab.core.errors import ConfigError, ModelUnavailable, choices_error
-from icm_lab.models.adapters import ADAPTERS, ModelAdapter, adapter_for, layer_registry
 from icm_lab.core.layers import LayerRegistry
+from icm_lab.models.adapters import ADAPTERS, ModelAdapter, adapter_for, layer_registry
 from icm_lab.models.tiny import BUILDERS, build_random
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,7 @@ class ModelSpec:
     build: str | None = None  # a random-weight twin (models/tiny.py) when pretrained is null
     build_seed: int = 0
     dtype: str = "float32"
+    component_dtypes: dict[str, str] = field(default_factory=dict)  # e.g. Sana's {vae: float32}
     device: str = "auto"
     scheduler: str | None = None  # a diffusers scheduler class; null keeps the checkpoint's
     steps: int = 50
@@ -137,6 +138,10 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         self.load_kwargs, self.call_kwargs = dict(self.load_kwargs), dict(self.call_kwargs)
+        self.component_dtypes = dict(self.component_dtypes)
+        for component, name in self.component_dtypes.items():
+            if name not in DTYPES:
+                raise choices_error(f"model.component_dtypes.{component}", name, sorted(DTYPES))
         if not hasattr(diffusers, self.pipeline):
             raise ConfigError(f"model.pipeline={self.pipeline!r} is not a diffusers pipeline")
         if self.scheduler and not hasattr(diffusers, self.scheduler):
@@ -184,8 +189,13 @@ class ModelSpec:
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, device)
         pipe_cls = getattr(diffusers, self.pipeline)
-        pipe = self._from_pretrained(pipe_cls, dtype) if self.pretrained else build_random(
-            self.build, seed=self.build_seed)
+        if self.pretrained:
+            pipe = self._from_pretrained(pipe_cls, dtype)
+        else:  # built where it runs: a full-size twin initialises in seconds on a GPU
+            with torch.device(device):
+                pipe = build_random(self.build, seed=self.build_seed)
+            # the scheduler's tables stay on the CPU, where from_pretrained leaves them
+            pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
         if not isinstance(pipe, pipe_cls):
             raise ModelLoadError(f"model {self.name!r} loaded a {type(pipe).__name__}, "
                                  f"expected {self.pipeline}")
@@ -194,6 +204,8 @@ class ModelSpec:
         if not self.pretrained and dtype != torch.float32:
             pipe.to(dtype=dtype)  # twins are built in float32; real weights load in their dtype
         pipe.to(device=device)
+        for component, name in self.component_dtypes.items():  # the paper keeps Sana's VAE fp32
+            getattr(pipe, component).to(dtype=resolve_dtype(name, device))
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

@@ -204,20 +204,94 @@ def sd15_random(seed: int = 0) -> StableDiffusionPipeline:
     """SD1.5 at full size with random weights: for timing on a GPU, never for images."""
     torch.manual_seed(seed)
     unet = _sd15_unet(64, (320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(
+    return _sd15_pipeline(_full_vae(512), CLIPTextModel(CLIPTextConfig(**CLIP_L)), unet)
+
+
+# CLIP ViT-L/14's text tower: SD1.5's text encoder and SDXL's first.
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+              bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+
+
+def _full_vae(sample_size: int, scaling_factor: float = 0.18215) -> AutoencoderKL:
+    """The SD/SDXL autoencoder at full size."""
+    return AutoencoderKL(
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         layers_per_block=2,
         latent_channels=4,
-        sample_size=512,
+        sample_size=sample_size,
+        scaling_factor=scaling_factor,
     )
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+
+
+def sdxl_random(seed: int = 0) -> StableDiffusionXLPipeline:
+    """SDXL base at full size (stabilityai/stable-diffusion-xl-base-1.0's configs) with random
+    weights: 2.6 B UNet parameters, CLIP ViT-L and OpenCLIP bigG text encoders."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        cross_attention_dim=2048,
+    )
+    vae = _full_vae(sample_size=1024, scaling_factor=0.13025)
+    text = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+    text_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+        num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
     ))
-    return _sd15_pipeline(vae, text, unet)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(pad_token="!"), unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULER), force_zeros_for_empty_prompt=True,
+    )
+
+
+def sana_random(seed: int = 0) -> SanaPipeline:
+    """Sana 1600M at 1,024 px (Efficient-Large-Model/Sana_1600M_1024px's configs) with random
+    weights: the 20-block transformer, the DC-AE f32c32 autoencoder and a Gemma-2 2B text
+    encoder. Its tokenizer is the byte-level stand-in (Gemma's vocabulary is not on the machine);
+    the ids fall inside Gemma's 256,000-row embedding, so shapes and costs are the real ones."""
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(
+        in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32,
+        num_layers=20, num_cross_attention_heads=20, cross_attention_head_dim=112,
+        cross_attention_dim=2240, caption_channels=2304, mlp_ratio=2.5, sample_size=32,
+        patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6,
+    )
+    heavy = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=32, attention_head_dim=32,
+        encoder_block_types=heavy, decoder_block_types=heavy,
+        encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+        decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+        encoder_layers_per_block=(2, 2, 2, 3, 3, 3), decoder_layers_per_block=(3, 3, 3, 3, 3, 3),
+        encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+        decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+        upsample_block_type="interpolate", downsample_block_type="Conv",
+        decoder_norm_types=("batch_norm",) * 3 + ("rms_norm",) * 3,
+        decoder_act_fns=("relu",) * 3 + ("silu",) * 3, scaling_factor=0.41407,
+    )
+    tokenizer = byte_tokenizer(max_length=300)
+    text_encoder = Gemma2Model(Gemma2Config(
+        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+        max_position_embeddings=8192, pad_token_id=tokenizer.pad_token_id,
+    ))
+    return SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                        transformer=transformer,
+                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
 
 
 BUILDERS = {
@@ -225,6 +299,8 @@ BUILDERS = {
     "tiny_sdxl": tiny_sdxl,
     "tiny_sana": tiny_sana,
     "sd15_random": sd15_random,
+    "sdxl_random": sdxl_random,
+    "sana_random": sana_random,
 }
 
 

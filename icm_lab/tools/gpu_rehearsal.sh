@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The GPU rehearsal on the GPU machine, from the repository root: installs the kit (.whl/, from
+# `make gpu-kit`) into a temporary folder beside the machine's own torch, then runs
+# `python -m icm_lab.tools.rehearsal OUT_DIR [args]` (docs/gpu.md).
+#   bash icm_lab/tools/gpu_rehearsal.sh OUT_DIR [--only sd15 ...]
+set -euo pipefail
+out=${1:?usage: gpu_rehearsal.sh OUT_DIR [rehearsal args]}
+shift
+python=${PYTHON:-python3}
+site=$(mktemp -d /tmp/icm_lab-kit.XXXXXX)
+ls .whl/*.whl >/dev/null 2>&1 || { echo "no wheels in .whl/: run 'make gpu-kit' first" >&2; exit 2; }
+"$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
+export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 WANDB_MODE=offline
+exec "$python" -m icm_lab.tools.rehearsal "$out" "$@"

@@ -1,0 +1,456 @@
+"""The GPU rehearsal: the full-size architectures on one GPU, and the figures they give.
+
+    python -m icm_lab.tools.rehearsal OUT_DIR            # SD1.5, SDXL and Sana at full size
+    python -m icm_lab.tools.rehearsal OUT_DIR --smoke    # the same script on the tiny twins (CPU)
+
+`make gpu-kit` fetches the wheels the GPU machine lacks; `make gpu-rehearsal OUT=DIR` installs
+them into a temporary folder and runs this (docs/gpu.md). Every section runs even if another
+failed; OUT_DIR gets `rehearsal.json` (every figure) and `rehearsal.md` (the same, for reading).
+Sections: `sd15` (images/s of the plain pipeline, recording every hook point and ICM steering;
+peak memory; host synchronisations per denoising step), `pipeline` (every stage at reduced
+counts), `probes` (logreg against scikit-learn on every core), `sdxl` and `sana` (one batch
+recorded and one steered at full size), `hours` (the paper's runs, extrapolated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from joblib import Parallel, delayed
+from omegaconf import OmegaConf
+
+from icm_lab.app.validation import build
+from icm_lab.config.compose import SWEEPS_DIR, compose_config
+from icm_lab.core.selection import step_window
+from icm_lab.engine.hooks import AddVector, DenoiserHooks
+from icm_lab.models.adapters import layer_registry
+from icm_lab.probing.probes import fit_probes, scores
+from icm_lab.tools.bench import planted_activations, sklearn_layer
+
+# The CUDA runtime calls that make the host wait for the device.
+SYNC_CALLS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize",
+              "cudaMemcpy", "cudaStreamWaitEvent")
+GOALS = {"record": 0.90, "steer": 0.98, "logreg_speedup": 10.0}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """What one rehearsal runs: full size on a GPU, or the tiny twins on the CPU."""
+
+    sd15: str
+    sdxl: str
+    sana: str
+    dtype: str
+    steps: int
+    batches: tuple[int, ...]
+    reps: int
+    probe_n: int
+    probe_steps: int
+    pipeline: tuple[str, ...]  # overrides of the SD1.5 collect run
+    toy: tuple[str, ...]  # overrides of the toy world's run of every stage
+    one_batch: tuple[str, ...] = ()  # overrides of the SDXL and Sana batches
+
+
+FULL = Scale(sd15="sd15_random", sdxl="sdxl_random", sana="sana_random", dtype="float16",
+             steps=50, batches=(8, 16), reps=4, probe_n=1024, probe_steps=50,
+             pipeline=("model=sd15_random", "concept=gender", "clip=tiny", "model.dtype=float16",
+                       "model.steps=20", "model.batch_size=16", "collect.n_images=64"),
+             toy=())
+SMOKE = Scale(sd15="tiny_sd15", sdxl="tiny_sdxl", sana="tiny_sana", dtype="float32", steps=4,
+              batches=(2,), reps=1, probe_n=64, probe_steps=4,
+              pipeline=("model=tiny_sd15", "concept=gender", "model.steps=4",
+                        "collect.n_images=8"),
+              toy=("collect.n_images=96", "eval.n_images_per_prompt=4", "causal.n_images=4",
+                   "localize.folds=2"),
+              one_batch=("model.steps=4", "model.batch_size=2"))
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def load(model: str, *overrides: str):
+    """A model's spec, pipeline and layer registry, as a run loads them."""
+    spec = build(compose_config([f"model={model}", *overrides]).model, "model")
+    pipe = spec.load()
+    return spec, pipe, layer_registry(pipe, spec.resolution)
+
+
+def peak_gib() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def steering(registry, batch: int, steps: int, names: list[str]) -> list[AddVector]:
+    """ICM-shaped interventions: per-sample, per-step vectors on `names` from 30% of the steps."""
+    g = torch.Generator().manual_seed(0)
+    start = step_window(0.3, None, steps).start
+    return [AddVector(name, 15 * torch.randn(batch, steps, registry[name].width, generator=g),
+                      start=start) for name in names]
+
+
+def sides(pipe, registry, batch: int, steps: int, steer_layers: list[str]
+          ) -> dict[str, Callable[[], AbstractContextManager]]:
+    """What is timed: the plain pipeline, recording every hook point, steering three layers."""
+    return {
+        "plain": nullcontext,
+        "record": lambda: DenoiserHooks(pipe, registry, record=registry.names()),
+        "steer": lambda: DenoiserHooks(pipe, registry, interventions=steering(
+            registry, batch, steps, steer_layers)),
+    }
+
+
+def generate(pipe, spec, batch: int, steps: int | None = None) -> None:
+    generators = [torch.Generator().manual_seed(i) for i in range(batch)]
+    kwargs = spec.pipeline_kwargs() | ({"num_inference_steps": steps} if steps else {})
+    pipe(["a photo of a person"] * batch, generator=generators, output_type="pt", **kwargs)
+
+
+PROFILED_STEPS = 10  # syncs per step do not depend on the step count; the trace's size does
+
+
+def count_syncs(pipe, spec, registry, batch: int, steer_layers: list[str]) -> dict[str, Any]:
+    """Host synchronisations of each side during one generation of PROFILED_STEPS steps: the
+    CUDA runtime calls that wait (profiler), per step, and the Python lines that asked for them
+    (torch's sync debug mode)."""
+    if not torch.cuda.is_available():
+        return {name: {"per_step": None, "note": "no CUDA device"} for name in ("plain", "record",
+                                                                               "steer")}
+    from torch.profiler import ProfilerActivity, profile
+
+    result = {}
+    for name, hooks in sides(pipe, registry, batch, PROFILED_STEPS, steer_layers).items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    with hooks():
+                        generate(pipe, spec, batch, PROFILED_STEPS)
+                    sync()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        calls = sum(1 for e in prof.events() if e.name in SYNC_CALLS)
+        sites: dict[str, int] = {}
+        for w in caught:
+            if "synchroniz" in str(w.message):
+                key = f"{Path(w.filename).name}:{w.lineno}"
+                sites[key] = sites.get(key, 0) + 1
+        result[name] = {"calls": calls, "per_step": calls / PROFILED_STEPS,
+                        "sites": sorted(sites.items(), key=lambda item: -item[1])[:12]}
+    for name in ("record", "steer"):  # what the hooks add to the plain pipeline's own
+        result[name]["added_per_step"] = (result[name]["calls"] - result["plain"]["calls"]
+                                          ) / PROFILED_STEPS
+    return result
+
+
+def sd15(scale: Scale, out: Path) -> dict[str, Any]:
+    """SD1.5 at full size: images/s, peak memory and host syncs of each side, per batch size."""
+    spec, pipe, registry = load(scale.sd15, f"model.dtype={scale.dtype}",
+                                f"model.steps={scale.steps}")
+    steer_layers = list(compose_config(["layers=paper_sd15"]).layers.select)
+    result: dict[str, Any] = {"model": spec.name, "resolution": spec.resolution,
+                              "steps": spec.steps, "guidance": spec.guidance,
+                              "dtype": str(pipe.dtype), "hook_points": len(registry.names()),
+                              "steered_layers": steer_layers, "batches": {}}
+    for batch in scale.batches:
+        contexts = sides(pipe, registry, batch, spec.steps, steer_layers)
+        seconds: dict[str, list[float]] = {name: [] for name in contexts}
+        peaks: dict[str, float | None] = {}
+        for name, hooks in contexts.items():  # warm-up, and each side's own peak memory
+            reset_peak()
+            with hooks():
+                generate(pipe, spec, batch)
+            sync()
+            peaks[name] = peak_gib()
+        for _ in range(scale.reps):  # interleaved, so drifts hit every side alike
+            for name, hooks in contexts.items():
+                sync()
+                start = time.perf_counter()
+                with hooks():
+                    generate(pipe, spec, batch)
+                sync()
+                seconds[name].append(time.perf_counter() - start)
+        rows = {name: {"images_per_s": batch / min(times), "seconds": times,
+                       "peak_gib": peaks[name]} for name, times in seconds.items()}
+        for name in ("record", "steer"):
+            rows[name]["vs_plain"] = rows[name]["images_per_s"] / rows["plain"]["images_per_s"]
+            rows[name]["goal"] = GOALS[name]
+        result["batches"][str(batch)] = rows
+        print(f"  sd15 batch {batch}: " + ", ".join(
+            f"{n} {r['images_per_s']:.2f} img/s" for n, r in rows.items()), flush=True)
+    result["host_syncs"] = count_syncs(pipe, spec, registry, min(scale.batches), steer_layers)
+    del pipe
+    return result
+
+
+def pipeline(scale: Scale, out: Path) -> dict[str, Any]:
+    """Real runs, each in its own process as a user starts it: the toy world's default run
+    (every stage, with real weights and labels) on this device, and SD1.5's full architecture
+    through collect (its random images get one label from a random CLIP, so nothing past
+    collect would be meaningful)."""
+    runs = {"toy": ["stages=[collect,localize,causal,steer,evaluate]", *scale.toy],
+            "sd15": ["stages=[collect]", *scale.pipeline]}
+    return {name: run_icm_lab(out / f"pipeline-{name}", overrides)
+            for name, overrides in runs.items()}
+
+
+def run_icm_lab(root: Path, overrides: list[str]) -> dict[str, Any]:
+    """`python -m icm_lab OVERRIDES` in `root`: its time, denoiser calls, artefacts and FD."""
+    overrides = [*overrides, f"paths.root={root}", f"hydra.run.dir={root}/run"]
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "icm_lab", *overrides], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=300)
+    seconds = time.perf_counter() - start
+    root.mkdir(parents=True, exist_ok=True)
+    (root.parent / f"{root.name}.log").write_text(done.stdout + done.stderr)
+    metrics_file = root / "run" / "metrics.json"
+    artefacts = sorted(p.parent.name for p in (root / "outputs" / "artefacts").glob("*/*")
+                       if p.is_dir())
+    result = {"overrides": overrides, "exit_status": done.returncode, "seconds": seconds,
+              "artefacts": artefacts}
+    if metrics_file.is_file():
+        metrics = json.loads(metrics_file.read_text())
+        result["denoiser_calls"] = metrics.get("denoiser_calls")
+        result["fd"] = {side: metrics.get(side, {}).get("fd") for side in ("base", "steered")}
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(overrides[:3])} failed (exit {done.returncode}): "
+                           f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+    return result
+
+
+def probes(scale: Scale, out: Path) -> dict[str, Any]:
+    """logreg on the GPU (or the CPU) against scikit-learn over joblib on every core, one BLAS
+    thread per worker, on the SD1.5-shaped probes of `make bench`'s probe benchmark."""
+    registry, _ = build(compose_config(["model=sd15_random"]).model,
+                        "model").registry_without_weights()
+    widths = [layer.width for layer in registry if layer.kind in ("attn1", "attn2")]
+    layers, y = planted_activations(scale.probe_n, scale.probe_steps, widths)
+    n = scale.probe_n
+    train = torch.randperm(n, generator=torch.Generator().manual_seed(1))[: int(0.8 * n)]
+    test = torch.tensor(sorted(set(range(n)) - set(train.tolist())))
+    arrays = [x.permute(1, 0, 2).contiguous().numpy() for x in layers]
+    jobs = os.cpu_count() or 1
+    start = time.perf_counter()
+    reference = Parallel(n_jobs=jobs)(delayed(sklearn_layer)(x, y.numpy(), train.numpy(),
+                                                             test.numpy()) for x in arrays)
+    sklearn_s = time.perf_counter() - start
+    reference = np.concatenate([b for b, _ in reference])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fit_probes("logreg", layers[0][:64, :2].permute(1, 0, 2).to(device), y[:64].to(device), 2)
+    sync()
+    start = time.perf_counter()
+    balanced = []
+    for x in layers:
+        x = x.to(device)
+        fit = fit_probes("logreg", x[train].transpose(0, 1), y[train].to(device), 2)
+        logits = fit.logits(x[test].transpose(0, 1))
+        balanced.append(scores(logits, y[test].to(device), 2)["balanced_accuracy"].cpu())
+    sync()
+    logreg_s = time.perf_counter() - start
+    delta = np.abs(torch.cat(balanced).numpy() - reference)
+    return {"probes": len(widths) * scale.probe_steps, "n": n, "widths": sorted(set(widths)),
+            "sklearn": {"workers": jobs, "threads_per_worker": 1, "seconds": sklearn_s},
+            "logreg": {"device": device, "seconds": logreg_s},
+            "speedup": sklearn_s / logreg_s, "goal": GOALS["logreg_speedup"],
+            "delta_balanced_accuracy": {"mean": float(delta.mean()), "max": float(delta.max())}}
+
+
+def one_batch(model: str, scale: Scale) -> dict[str, Any]:
+    """SDXL or Sana at full size: one batch recorded (collect) and one steered, with shapes."""
+    spec, pipe, registry = load(model, *scale.one_batch)
+    batch = spec.batch_size
+    attn1 = registry.names("attn1")
+    steer_layers = attn1[max(0, len(attn1) // 2 - 1):][:3]  # three in the middle
+    result: dict[str, Any] = {"model": spec.name, "resolution": spec.resolution,
+                              "steps": spec.steps, "batch": batch,
+                              "dtypes": {name: str(getattr(pipe, name).dtype) for name in
+                                         ("text_encoder", "vae", spec_denoiser(pipe))},
+                              "hook_points": len(registry.names()),
+                              "parameters_billion": sum(
+                                  p.numel() for p in getattr(pipe, spec_denoiser(pipe))
+                                  .parameters()) / 1e9}
+    generate(pipe, spec, batch, steps=2)  # warm-up: kernels chosen, memory pools filled
+    for name, hooks in sides(pipe, registry, batch, spec.steps, steer_layers).items():
+        if name == "plain":
+            continue
+        reset_peak()
+        sync()
+        start = time.perf_counter()
+        with hooks() as engine:
+            generate(pipe, spec, batch)
+        sync()
+        seconds = time.perf_counter() - start
+        row = {"seconds": seconds, "images_per_s": batch / seconds, "peak_gib": peak_gib()}
+        if name == "record":
+            recording = engine.recording()
+            row["recorded_layers"] = len(recording)
+            row["shapes"] = {k: list(v.shape) for k, v in list(recording.items())[:3]}
+            row["recorded_mib"] = sum(v.nbytes for v in recording.values()) / 2**20
+        result[name] = row
+        print(f"  {model} {name}: {row['images_per_s']:.3f} img/s, peak {row['peak_gib']}",
+              flush=True)
+    del pipe
+    return result
+
+
+def spec_denoiser(pipe) -> str:
+    return "unet" if hasattr(pipe, "unet") else "transformer"
+
+
+def hours(report: dict[str, Any]) -> dict[str, Any]:
+    """Hours of the paper's runs at the measured images/s: each image costs its denoising steps
+    (collect recording every layer, steered images only after the steering start)."""
+    rates = {}  # image-steps per second of each side, per model family
+    if "batches" in report.get("sd15", {}):
+        sd = report["sd15"]
+        best = sd["batches"][max(sd["batches"], key=int)]
+        rates["sd15"] = {k: best[k]["images_per_s"] * sd["steps"]
+                         for k in ("plain", "record", "steer")}
+    for family in ("sdxl", "sana"):
+        if "record" in report.get(family, {}):
+            row, steps = report[family], report[family]["steps"]
+            steer = row["steer"]["images_per_s"] * steps  # plain is not timed at full size
+            rates[family] = {"plain": steer, "record": row["record"]["images_per_s"] * steps,
+                             "steer": steer}
+    methods = OmegaConf.load(SWEEPS_DIR / "methods.yaml").hydra.sweeper.params.method
+    sweeps = {"methods": len(str(methods).split(",")), "alpha": 4}  # make tables' two sweeps
+    estimates = {}
+    for experiment in ("paper_sd15_gender", "paper_sd15_age", "paper_sd15_race",
+                       "paper_sdxl_gender", "paper_sana_gender"):
+        cfg = compose_config([f"experiment={experiment}"])
+        family = cfg.model.name
+        if family not in rates:
+            continue
+        rate, steps = rates[family], cfg.model.steps
+        n_eval = len(cfg.concept.eval_prompts) * cfg.eval.n_images_per_prompt
+        start = step_window(cfg.steer.start, cfg.steer.end, steps).start
+        one = {"collect": cfg.collect.n_images * steps / rate["record"],
+               "base": n_eval * steps / rate["plain"],
+               "steered": n_eval * (steps - start) / rate["steer"]}
+        tables = one["collect"] + one["base"] + sum(sweeps.values()) * one["steered"]
+        estimates[experiment] = {"images": {"collect": cfg.collect.n_images, "eval": n_eval},
+                                 "hours": {k: v / 3600 for k, v in one.items()},
+                                 "run_hours": sum(one.values()) / 3600,
+                                 "make_tables_hours": tables / 3600}
+    return {"rates_image_steps_per_s": rates, "sweep_jobs": sweeps, "experiments": estimates,
+            "note": "generation only: labelling, probes and evaluation are not included"}
+
+
+def environment() -> dict[str, Any]:
+    import diffusers
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "cpus": os.cpu_count(), "load": os.getloadavg()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return info
+
+
+@contextmanager
+def section(report: dict[str, Any], name: str) -> Iterator[None]:
+    """One section: its time, and its error instead of the rest's loss."""
+    print(f"{name} ...", flush=True)
+    start = time.perf_counter()
+    try:
+        yield
+    except Exception as error:  # a failed section is a finding; the others still run
+        report[name] = {"error": f"{type(error).__name__}: {error}",
+                        "traceback": traceback.format_exc()[-3000:]}
+        print(f"  {name} failed: {type(error).__name__}: {error}", flush=True)
+    finally:
+        if isinstance(report.get(name), dict):
+            report[name]["section_seconds"] = time.perf_counter() - start
+        reset_peak()
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = ["# GPU rehearsal", "", f"`{report['command']}`", "",
+             "```json", json.dumps(report["environment"], indent=1), "```", ""]
+    sd = report.get("sd15", {})
+    if "batches" in sd:
+        lines += [f"## {sd['model']}: {sd['resolution']} px, {sd['steps']} steps, guidance "
+                  f"{sd['guidance']}, {sd['dtype']}", "",
+                  "| batch | side | images/s | vs plain (goal) | peak GiB |",
+                  "|---|---|---|---|---|"]
+        for batch, rows in sd["batches"].items():
+            for name, row in rows.items():
+                ratio = (f"{row['vs_plain']:.3f} (≥ {row['goal']})" if "vs_plain" in row else "")
+                peak = row["peak_gib"]
+                lines.append(f"| {batch} | {name} | {row['images_per_s']:.3f} | {ratio} | "
+                             f"{'' if peak is None else f'{peak:.1f}'} |")
+        lines += ["", "Host synchronisations (CUDA runtime calls that wait), per denoising step:",
+                  "", "```json", json.dumps(sd["host_syncs"], indent=1), "```", ""]
+    for name in ("pipeline", "probes", "sdxl", "sana", "hours"):
+        if name in report:
+            shown = {k: v for k, v in report[name].items() if k not in ("traceback",)}
+            lines += [f"## {name}", "", "```json", json.dumps(shown, indent=1, default=str)[:6000],
+                      "```", ""]
+    return "\n".join(lines)
+
+
+SECTIONS: dict[str, Callable[[Scale, Path], dict[str, Any]]] = {
+    "sd15": sd15, "pipeline": pipeline, "probes": probes,
+    "sdxl": lambda scale, out: one_batch(scale.sdxl, scale),
+    "sana": lambda scale, out: one_batch(scale.sana, scale),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="folder for rehearsal.json and rehearsal.md")
+    parser.add_argument("--smoke", action="store_true", help="the tiny twins on the CPU")
+    parser.add_argument("--only", choices=sorted(SECTIONS), action="append")
+    args = parser.parse_args(argv)
+    scale = SMOKE if args.smoke else FULL
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"command": " ".join(["python -m icm_lab.tools.rehearsal",
+                                                   *(argv or sys.argv[1:])]),
+                              "scale": asdict(scale), "environment": environment()}
+    began = time.perf_counter()
+    for name in args.only or SECTIONS:
+        with section(report, name):
+            report[name] = SECTIONS[name](scale, args.out)
+        write(report, args.out)  # a later section's crash or time-out keeps the earlier ones
+    with section(report, "hours"):
+        report["hours"] = hours(report)
+    report["seconds"] = time.perf_counter() - began
+    write(report, args.out)
+    failed = [name for name, value in report.items()
+              if isinstance(value, dict) and "error" in value]
+    print(f"rehearsal: {report['seconds']:.0f} s; {args.out / 'rehearsal.md'}"
+          + (f"; failed: {failed}" if failed else ""), flush=True)
+    sys.exit(1 if failed else 0)
+
+
+def write(report: dict[str, Any], out: Path) -> None:
+    (out / "rehearsal.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "rehearsal.md").write_text(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
