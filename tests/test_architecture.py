@@ -117,3 +117,20 @@ def test_every_module_compiles_without_warnings():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             compile(path.read_text(), str(path), "exec")
+
+
+def test_no_private_api_of_another_library():
+    """Only public APIs: no `_internal` modules, no private attributes of numpy, diffusers or
+    torch modules, no poking into instance dictionaries."""
+    pattern = re.compile(r"\._internal\b|\._mmap\b|_diffusers_hook|__dict__\[|__dict__\.pop")
+    offenders = [f"{path.relative_to(PACKAGE)}:{number}"
+                 for path in PACKAGE.rglob("*.py")
+                 for number, line in enumerate(path.read_text().splitlines(), 1)
+                 if pattern.search(line.split("#")[0])]
+    assert offenders == [], offenders
+
+
+def test_no_test_code_in_the_package():
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        assert "unittest" not in text and "ICM_TEST_" not in text, path

@@ -14,8 +14,9 @@ from icm_lab.app.runner import run
 from icm_lab.core.errors import ConfigError
 from icm_lab.core.layers import LayerInfo
 from icm_lab.io.artefacts import ArtefactMismatchError, Provenance
-from icm_lab.io.store import ActivationStore, StoreError, StoreWriter, io_per_byte_stored
+from icm_lab.io.store import ActivationStore, StoreError, StoreWriter
 from icm_lab.labeling.sampling import sample_plan
+from icm_lab.tools.bench import io_per_byte_stored
 from tests.conftest import dead_pid, make_config, temporary_name
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 from hydra.utils import instantiate
+from safetensors import safe_open
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
 from icm_lab.app.runner import run
@@ -313,8 +314,9 @@ def test_probe_artefacts_round_trip_and_refuse_mismatches(tmp_path, tiny):
     _, localize_stage = planted_localize(tmp_path, tiny, "probe=mean_diff")
     probes = localize_stage().probes
     again = ProbeSet(probes.root, expect=Provenance(**probes.meta["provenance"]))
-    fit = again.fit(PLANTED)
-    assert fit.weight.shape == (10, 32, 1) and fit.mean.shape == (10, 32)  # up_blocks.1: 32 wide
+    with safe_open(probes.root / ProbeSet.FILE, framework="pt") as f:  # one probe per step
+        weight, mean = f.get_tensor(f"{PLANTED}/weight"), f.get_tensor(f"{PLANTED}/mean")
+    assert weight.shape == (10, 32, 1) and mean.shape == (10, 32)  # up_blocks.1: 32 wide
     assert torch.equal(again.directions(PLANTED), probes.directions(PLANTED))
     pd.testing.assert_frame_equal(again.scores, probes.scores)
     wrong = Provenance(**(probes.meta["provenance"] | {"concept": "age"}))

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import diffusers
@@ -9,7 +10,7 @@ from open_clip.transformer import QuickGELU
 from icm_lab.app.cli import layers_command
 from icm_lab.app.runner import run
 from icm_lab.app.validation import build
-from icm_lab.core.errors import ConfigError
+from icm_lab.core.errors import ConfigError, UserError
 from icm_lab.core.layers import UnknownLayerError
 from icm_lab.models.adapters import ADAPTERS, adapter_for, layer_registry, short_name
 from icm_lab.models.clip import builds_quick_gelu, check_available, load_clip, tag_quick_gelu
@@ -237,3 +238,15 @@ def test_the_paper_clip_is_openai_vit_l14_with_quick_gelu():
 def test_a_clip_whose_tag_needs_another_activation_is_refused():
     with pytest.raises(ConfigError, match="with QuickGELU.*use clip.model=ViT-L-14-quickgelu"):
         check_available("ViT-L-14", "openai")
+
+
+def test_a_denoiser_without_an_adapter_is_named_not_mistaken(tmp_path):
+    """An SD3-style folder (`transformer: SD3Transformer2DModel`) gets no Sana adapter merely
+    because its denoiser is also called `transformer`."""
+    folder = config_folder("sana", tmp_path)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["transformer"] = ["diffusers", "SD3Transformer2DModel"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    spec = build(make_config("model=sana", f"model.pretrained={folder}").model, "model")
+    with pytest.raises(UserError, match="no model adapter for denoiser SD3Transformer2DModel"):
+        spec.registry_without_weights()

@@ -13,15 +13,16 @@ and exit status 2; HYDRA_FULL_ERROR=1 shows the traceback instead.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import hydra
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -118,7 +119,23 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
         return []
     parsed = OverridesParser.create().parse_overrides(
         [o for o in overrides if not o.lstrip("+~").startswith("hydra")])
-    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    return product_of_choices(parsed)
+
+
+def product_of_choices(parsed: list[Override]) -> list[list[str]]:
+    """Each job's overrides: the product of every choice sweep (`a=1,2 b=x,y`: 4 jobs), as
+    Hydra's basic sweeper expands them."""
+    choices: dict[str, list[str]] = {}
+    for override in parsed:
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            choices[key] = [f"{key}={override.get_value_element_as_str()}"]
+        elif override.is_discrete_sweep():
+            choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            raise HydraException(f"{key}: only choice sweeps (a,b,c) can be checked before "
+                                 f"the sweep starts, not {override.value_type.name}")
+    return [list(job) for job in itertools.product(*choices.values())]
 
 
 def layers_command(overrides: list[str]) -> None:

@@ -12,32 +12,75 @@ order come from the model's adapter.
         images = pipe(prompts, ...).images
     activations = hooks.recording()   # {layer: float16 array [batch, steps, width]}
 
-Hooks are removed when the block exits, on exceptions too. One more hook wraps the denoiser's
-forward (diffusers' `HookRegistry`): it counts the calls that compute (`hooks.calls`), and with
-`skip_before=s` answers the calls of steps before s with zeros at once, for a generation that
-continues from cached latents (`generation.Prefix`) which overwrite what those steps produced.
+One mechanism does everything: `wrap_forward` routes a module's `forward` through a
+`ForwardHook` (`before` edits the inputs, `call` runs or skips the forward, `after` reads or
+edits the output), the way diffusers' `HookRegistry` does, with public Python only. Recording,
+steering (`AddVector`), swapping the text context (`SwapContext`) and the denoiser's step
+tracking are hooks; so is the gate on the denoiser that counts the calls that compute
+(`hooks.calls`) and, with `skip_before=s`, answers the calls of steps before s with zeros at
+once, for a generation that continues from cached latents (`generation.Prefix`) which
+overwrite what those steps produced. Every wrapper is undone when the block exits, on
+exceptions too, in reverse order, leaving the module as it was.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.hooks import HookRegistry, ModelHook
 
 from icm_lab.core.layers import LayerRegistry
 from icm_lab.models.adapters import TextContext, adapter_for
 from icm_lab.models.loading import like_parameters
 
 
+class ForwardHook:
+    """What one wrapper does around a module's forward. Each step is optional."""
+
+    def before(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        return args, kwargs
+
+    def call(self, forward: Callable, args: tuple, kwargs: dict[str, Any]) -> Any:
+        return forward(*args, **kwargs)
+
+    def after(self, output: Any) -> Any:
+        return output
+
+
+def wrap_forward(module: torch.nn.Module, hook: ForwardHook) -> Callable[[], None]:
+    """Route `module.forward` through `hook` (an instance attribute that shadows the class's
+    method, which `nn.Module.__call__` then calls); returns the function that undoes it.
+    Wrappers nest, the last one outermost, and are undone in reverse order."""
+    shadowed = vars(module).get("forward")  # another wrapper's, or None: the class's method
+    inner = module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        args, kwargs = hook.before(args, kwargs)
+        return hook.after(hook.call(inner, args, kwargs))
+
+    module.forward = functools.update_wrapper(forward, inner)  # keeps the signature
+
+    def unwrap() -> None:
+        if vars(module).get("forward") is not forward:
+            raise RuntimeError(f"{type(module).__name__}.forward was wrapped again after this "
+                               "hook and not unwrapped first")
+        if shadowed is None:
+            del module.forward
+        else:
+            module.forward = shadowed
+
+    return unwrap
+
+
 class Intervention:
     """An edit to one layer during a step window: plain, serialisable data (pyvene-style).
-    Each kind knows how to hook itself onto its module."""
+    Each kind makes the `ForwardHook` that applies it."""
 
     layer: str
     start: int
@@ -47,32 +90,12 @@ class Intervention:
         end = state.n_steps if self.end is None else self.end
         return self.start <= state.step < end
 
-    def attach(self, module: torch.nn.Module, state: StepState, net: torch.nn.Module):
+    def hook(self, state: StepState, net: torch.nn.Module) -> ForwardHook:
         raise NotImplementedError
 
     def rows(self, start: int, stop: int) -> Intervention:
         """The same intervention for samples `start:stop` only (one batch of a larger plan)."""
         raise NotImplementedError
-
-    def to_dict(self, tensors: dict[str, torch.Tensor], key: str) -> dict[str, Any]:
-        """Plain JSON-able data; each tensor goes into `tensors` (for a safetensors file) under
-        `key/<field>` and is referenced by that key."""
-        data: dict[str, Any] = {"kind": type(self).__name__}
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if isinstance(value, torch.Tensor):
-                tensors[f"{key}/{item.name}"] = value.detach().cpu().contiguous()
-                value = {"tensor": f"{key}/{item.name}"}
-            data[item.name] = value
-        return data
-
-    @staticmethod
-    def from_dict(data: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Intervention:
-        """The inverse of `to_dict`."""
-        kinds = {cls.__name__: cls for cls in (AddVector, SwapContext)}
-        values = {k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v
-                  for k, v in data.items() if k != "kind"}
-        return kinds[data["kind"]](**values)
 
 
 @dataclass
@@ -104,8 +127,8 @@ class AddVector(Intervention):
         if self.halves not in ("cond", "both"):
             raise ValueError(f"halves must be 'cond' or 'both', got {self.halves!r}")
 
-    def attach(self, module: torch.nn.Module, state: StepState, net: torch.nn.Module):
-        return module.register_forward_hook(_AddHook(self, state, net))
+    def hook(self, state: StepState, net: torch.nn.Module) -> ForwardHook:
+        return _AddHook(self, state, net)
 
     def rows(self, start: int, stop: int) -> AddVector:
         return replace(self, vectors=self.vectors[start:stop])
@@ -135,30 +158,37 @@ class SwapContext(Intervention):
         mask = None if self.mask is None else self.mask[start:stop]
         return replace(self, context=self.context[start:stop], mask=mask)
 
-    def attach(self, module: torch.nn.Module, state: StepState, net: torch.nn.Module):
-        context = like_parameters(self.context, net)
-        mask = None if self.mask is None else like_parameters(self.mask, net)
+    def hook(self, state: StepState, net: torch.nn.Module) -> ForwardHook:
+        return _SwapHook(self, state, net)
 
-        def hook(module: torch.nn.Module, args: tuple, kwargs: dict):
-            if not self.active(state):
-                return None
-            original = kwargs.get("encoder_hidden_states")
-            if original is None:
-                raise ValueError(f"{self.layer} gets no encoder_hidden_states: not an attn2 layer")
-            swapped = {"encoder_hidden_states": _swap_rows(self.layer, "context", original,
-                                                           context, state)}
-            original_mask = kwargs.get("attention_mask")
-            if (original_mask is None) != (mask is None):
-                raise ValueError(f"{self.layer} gets {'no' if original_mask is None else 'a'} "
-                                 f"text attention mask but the swap has "
-                                 f"{'none' if mask is None else 'one'}; build it with "
-                                 "SwapContext.of(layer, adapter.text_context(...))")
-            if mask is not None:
-                swapped["attention_mask"] = _swap_rows(self.layer, "mask", original_mask, mask,
-                                                       state)
-            return args, {**kwargs, **swapped}
 
-        return module.register_forward_pre_hook(hook, with_kwargs=True)
+class _SwapHook(ForwardHook):
+    """Swaps one attn2 layer's text context (and mask) on the conditional rows."""
+
+    def __init__(self, swap: SwapContext, state: StepState, net: torch.nn.Module):
+        self.swap, self.state = swap, state
+        self.context = like_parameters(swap.context, net)
+        self.mask = None if swap.mask is None else like_parameters(swap.mask, net)
+
+    def before(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        swap, state, mask = self.swap, self.state, self.mask
+        if not swap.active(state):
+            return args, kwargs
+        original = kwargs.get("encoder_hidden_states")
+        if original is None:
+            raise ValueError(f"{swap.layer} gets no encoder_hidden_states: not an attn2 layer")
+        swapped = {"encoder_hidden_states": _swap_rows(swap.layer, "context", original,
+                                                       self.context, state)}
+        original_mask = kwargs.get("attention_mask")
+        if (original_mask is None) != (mask is None):
+            raise ValueError(f"{swap.layer} gets {'no' if original_mask is None else 'a'} "
+                             f"text attention mask but the swap has "
+                             f"{'none' if mask is None else 'one'}; build it with "
+                             "SwapContext.of(layer, adapter.text_context(...))")
+        if mask is not None:
+            swapped["attention_mask"] = _swap_rows(swap.layer, "mask", original_mask, mask,
+                                                   state)
+        return args, {**kwargs, **swapped}
 
 
 def _swap_rows(layer: str, what: str, original: torch.Tensor, rows: torch.Tensor,
@@ -221,11 +251,12 @@ class DenoiserHooks:
         for intervention in self.interventions:
             registry[intervention.layer]  # unknown layer: a clear error now, not mid-generation
         self.state = StepState(cond_last=self.adapter.cond_half_last)
-        self.gate = _DenoiserGate(self.state, skip_before, self.net.config)
-        self._gate_name = f"icm_lab.denoiser_gate.{id(self)}"  # nested engines each have one
+        self.skip_before = skip_before
+        self.out_channels = getattr(self.net.config, "out_channels", None)
+        self.calls = 0  # denoiser calls that computed (skipped prefix steps not counted)
         self._signature = inspect.signature(self.net.forward)
-        self._timesteps: tuple[int, torch.Tensor] | None = None
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._timesteps: tuple[Any, torch.Tensor, torch.Tensor] | None = None
+        self._unwrap: list[Callable[[], None]] = []
         self._means: dict[str, torch.Tensor] = {}
         self._steps: dict[int, torch.Tensor] = {}
 
@@ -241,42 +272,25 @@ class DenoiserHooks:
     def __exit__(self, *exc: Any) -> None:
         self._detach()
 
-    @property
-    def calls(self) -> int:
-        """Denoiser calls that computed (skipped prefix steps not counted)."""
-        return self.gate.calls
-
     def _attach(self) -> None:
         modules = dict(self.net.named_modules())
-        self._handles.append(
-            self.net.register_forward_pre_hook(self._on_denoiser_call, with_kwargs=True)
-        )
-        HookRegistry.check_if_exists_or_initialize(self.net).register_hook(self.gate,
-                                                                           self._gate_name)
         # Interventions first, so a layer that is both steered and recorded records its output
-        # after steering.
+        # after steering (the last wrapper runs outermost).
         for intervention in self.interventions:
-            module = modules[intervention.layer]
-            self._handles.append(intervention.attach(module, self.state, self.net))
+            self._wrap(modules[intervention.layer], intervention.hook(self.state, self.net))
         for layer in self.record_layers:
-            hook = self._record_hook(layer.name)
-            self._handles.append(modules[layer.name].register_forward_hook(hook))
-        if self.record_layers:
-            self._handles.append(self.net.register_forward_hook(self._on_denoiser_done))
+            self._wrap(modules[layer.name], _Record(self, layer.name))
+        self._wrap(self.net, _Denoiser(self))
+
+    def _wrap(self, module: torch.nn.Module, hook: ForwardHook) -> None:
+        self._unwrap.append(wrap_forward(module, hook))
 
     def _detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        registry = getattr(self.net, "_diffusers_hook", None)
-        if registry is not None and registry.get_hook(self._gate_name) is self.gate:
-            registry.remove_hook(self._gate_name, recurse=False)
-            if not registry.hooks:  # leave the module as it was: no registry, class forward
-                del self.net._diffusers_hook
-                self.net.__dict__.pop("forward", None)
+        while self._unwrap:
+            self._unwrap.pop()()
 
     # -- step tracking ---------------------------------------------------------------------
-    def _on_denoiser_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    def _on_denoiser_call(self, args: tuple, kwargs: dict) -> None:
         bound = self._signature.bind(*args, **kwargs).arguments
         timestep = bound[self.adapter.timestep_arg]
         sample = bound[self.adapter.sample_arg]
@@ -306,17 +320,14 @@ class DenoiserHooks:
         return int(torch.argmin((distinct - t).abs())), len(distinct)
 
     # -- recording -------------------------------------------------------------------------
-    def _record_hook(self, name: str):
-        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-            out = output[0] if isinstance(output, tuple) else output
-            cond = out[self.state.cond_rows]
-            # Mean over spatial tokens: [B, T, C] attention outputs or [B, C, H, W] feature maps.
-            dims = (1,) if cond.ndim == 3 else (2, 3)
-            self._means[name] = cond.mean(dim=dims, dtype=torch.float32)
+    def _record(self, name: str, output: Any) -> None:
+        out = output[0] if isinstance(output, tuple) else output
+        cond = out[self.state.cond_rows]
+        # Mean over spatial tokens: [B, T, C] attention outputs or [B, C, H, W] feature maps.
+        dims = (1,) if cond.ndim == 3 else (2, 3)
+        self._means[name] = cond.mean(dim=dims, dtype=torch.float32)
 
-        return hook
-
-    def _on_denoiser_done(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+    def _on_denoiser_done(self) -> None:
         missing = [layer.name for layer in self.record_layers if layer.name not in self._means]
         if missing:
             raise RuntimeError(f"layers {missing} were not called at step {self.state.step}")
@@ -342,25 +353,42 @@ class DenoiserHooks:
         }
 
 
-class _DenoiserGate(ModelHook):
-    """Counts the denoiser's computing calls; answers those of steps before `skip_before` with
-    zeros, without computing. Runs after the step-tracking pre-hook, so the step is known."""
+class _Record(ForwardHook):
+    """Keeps one layer's output mean over tokens, for the step the denoiser is at."""
 
-    def __init__(self, state: StepState, skip_before: int, config: Any):
-        super().__init__()
-        self.state, self.skip_before = state, skip_before
-        self.out_channels = getattr(config, "out_channels", None)
-        self.calls = 0
+    def __init__(self, engine: DenoiserHooks, name: str):
+        self.engine, self.name = engine, name
 
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if self.state.step >= self.skip_before:
-            self.calls += 1
-            return self.fn_ref.original_forward(*args, **kwargs)
+    def after(self, output: Any) -> Any:
+        self.engine._record(self.name, output)
+        return output
+
+
+class _Denoiser(ForwardHook):
+    """On the denoiser: reads the step from its inputs, counts the calls that compute, answers
+    those of steps before `skip_before` with zeros without computing, and closes the step's
+    recording."""
+
+    def __init__(self, engine: DenoiserHooks):
+        self.engine = engine
+
+    def before(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        self.engine._on_denoiser_call(args, kwargs)
+        return args, kwargs
+
+    def call(self, forward: Callable, args: tuple, kwargs: dict[str, Any]) -> Any:
+        engine, state = self.engine, self.engine.state
+        if state.step >= engine.skip_before:
+            engine.calls += 1
+            output = forward(*args, **kwargs)
+            if engine.record_layers:
+                engine._on_denoiser_done()
+            return output
         if kwargs.get("return_dict", True):
             raise RuntimeError("a skipped denoiser call must be made with return_dict=False, "
                                "as diffusers pipelines make it")
-        shape, dtype, device = self.state.sample
-        channels = self.out_channels or shape[1]
+        shape, dtype, device = state.sample
+        channels = engine.out_channels or shape[1]
         return (torch.zeros((shape[0], channels, *shape[2:]), dtype=dtype, device=device),)
 
 
@@ -379,8 +407,8 @@ def view_position(view: Any, base: torch.Tensor) -> int | None:
     return offset // stride
 
 
-class _AddHook:
-    """The forward hook that applies one AddVector, with its vectors moved to the device once."""
+class _AddHook(ForwardHook):
+    """Applies one AddVector to the layer's output, its vectors moved to the device once."""
 
     def __init__(self, intervention: AddVector, state: StepState, net: torch.nn.Module):
         self.spec = intervention
@@ -389,10 +417,10 @@ class _AddHook:
         nonzero = self.vectors.reshape(len(self.vectors), -1).abs().sum(dim=1) > 0
         self.active = torch.nonzero(nonzero).flatten()
 
-    def __call__(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+    def after(self, output: Any) -> Any:
         spec, state = self.spec, self.state
         if not spec.active(state) or len(self.active) == 0:
-            return None
+            return output
         if len(self.vectors) != state.cond_batch:
             raise ValueError(
                 f"intervention on {spec.layer} has {len(self.vectors)} vectors but the "

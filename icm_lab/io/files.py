@@ -6,12 +6,10 @@ owner is gone; a full disk ends the run with one line and nothing partial kept."
 from __future__ import annotations
 
 import errno
-import fnmatch
 import itertools
 import json
 import os
 import shutil
-import signal
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,9 +25,6 @@ _umask = os.umask(0)
 os.umask(_umask)
 FILE_MODE, DIR_MODE = 0o666 & ~_umask, 0o777 & ~_umask  # 0644 / 0755 under the usual umask
 _serial = itertools.count()  # tells apart temporaries of one process (threads, nesting)
-# Tests set this to a path pattern: the process then dies (SIGKILL) with that file written but
-# not yet renamed into place, the worst moment to be killed.
-_KILL_WRITING = os.environ.get("ICM_TEST_KILL_WRITING")
 
 
 class DiskFullError(UserError, OSError):
@@ -52,8 +47,6 @@ def atomic(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, FILE_MODE)  # some writers (safetensors, mkstemp) create files 0600
-        if _KILL_WRITING and fnmatch.fnmatch(str(path), _KILL_WRITING):
-            os.kill(os.getpid(), signal.SIGKILL)  # the reliability tests' fault injection
         os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)

@@ -27,14 +27,12 @@ line, and never later as a crash while writing into a memory map.
 from __future__ import annotations
 
 import errno
-import functools
 import mmap
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from unittest.mock import patch
 
 import numpy as np
 import pandas as pd
@@ -237,7 +235,10 @@ def _flush_rows(array: np.memmap, start: int, end: int, last: bool) -> None:
     first = begin - begin % page
     stop = stop if last else stop - stop % page
     if stop > first:
-        array._mmap.flush(first, stop - first)
+        mapping = array.base  # the file's mmap.mmap, which np.memmap maps the array onto
+        if not isinstance(mapping, mmap.mmap):
+            raise TypeError(f"expected an array mapped from a file, got base {type(mapping)}")
+        mapping.flush(first, stop - first)
 
 
 def tidy(root: Path) -> None:
@@ -247,44 +248,3 @@ def tidy(root: Path) -> None:
     remove_dead_temporaries(root)
     if ActivationStore.is_complete(root):
         shutil.rmtree(root / "batches", ignore_errors=True)
-
-
-def io_per_byte_stored(make_store: Callable[[], ActivationStore]) -> dict[str, float]:
-    """This process's I/O while `make_store()` runs (e.g. a fresh collect), per byte of the
-    store it returns (its `store/` folder; `stored_bytes`), from Linux's /proc/self/io:
-    `write_bytes` and `read_bytes` count what reached the storage layer (memory-mapped writes
-    included, in whole pages, when they are dirtied; nothing on tmpfs; page-cache hits are not
-    reads), `wchar` and `rchar` only bytes passed to write and read calls. `store_writes` and
-    `store_reads` are the parts spent inside `StoreWriter` (arrays, markers, finalize): about
-    1.0 and 0.0, since collect writes each activation byte once and reads none back; the rest
-    is the images, logs and model weights."""
-    spent = {"write_bytes": 0, "read_bytes": 0}
-
-    def counted(method: Callable) -> Callable:
-        @functools.wraps(method)
-        def measured(*args: object, **kwargs: object) -> object:
-            start = _io_counters()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                end = _io_counters()
-                for key in spent:
-                    spent[key] += end[key] - start[key]
-        return measured
-
-    methods = {name: counted(getattr(StoreWriter, name))
-               for name in ("__init__", "write_batch", "finalize")}
-    before = _io_counters()
-    with patch.multiple(StoreWriter, **methods):
-        store = make_store()
-    after = _io_counters()
-    stored = sum(path.stat().st_size for path in (store.root / "store").iterdir())
-    delta = {key: (after[key] - before[key]) / stored
-             for key in ("write_bytes", "read_bytes", "wchar", "rchar")}
-    return {"stored_bytes": stored, **delta, "store_writes": spent["write_bytes"] / stored,
-            "store_reads": spent["read_bytes"] / stored}
-
-
-def _io_counters() -> dict[str, int]:
-    lines = Path("/proc/self/io").read_text().splitlines()
-    return {key: int(value) for key, value in (line.split(": ") for line in lines)}

@@ -21,7 +21,13 @@ from omegaconf import OmegaConf
 
 from icm_lab.core.errors import ConfigError, ModelUnavailable, choices_error
 from icm_lab.core.layers import LayerRegistry
-from icm_lab.models.adapters import ADAPTERS, ModelAdapter, adapter_for, layer_registry
+from icm_lab.models.adapters import (
+    ADAPTERS,
+    ModelAdapter,
+    adapter_for,
+    adapter_for_class,
+    layer_registry,
+)
 from icm_lab.models.tiny import BUILDERS, build_random
 
 log = logging.getLogger(__name__)
@@ -248,11 +254,12 @@ class ModelSpec:
             index = None
         if index is None:
             return None
-        for adapter in ADAPTERS.values():
-            if adapter.denoiser_attr in index:
-                net_cls = getattr(diffusers, index[adapter.denoiser_attr][1])
+        for attr in dict.fromkeys(adapter.denoiser_attr for adapter in ADAPTERS.values()):
+            if attr in index:  # the adapter of the denoiser's class, not of its attribute name
+                adapter = adapter_for_class(index[attr][1])
+                net_cls = getattr(diffusers, index[attr][1])
                 vae_cls = getattr(diffusers, index["vae"][1])
-                config = net_cls.load_config(folder, subfolder=adapter.denoiser_attr)
+                config = net_cls.load_config(folder, subfolder=attr)
                 vae = vae_cls.load_config(folder, subfolder="vae")
                 with init_empty_weights():
                     net = net_cls.from_config(config)

@@ -56,7 +56,7 @@ class ProbeFit:
         """`[P, n, O]` logits for `x: [P, n, W]` (any float dtype) in raw activation space."""
         raw = self.raw_weight
         offset = self.bias[:, None] - torch.bmm(self.mean[:, None], raw)
-        return _matvec(x.float(), raw) + offset
+        return matvec(x.float(), raw) + offset
 
     def directions(self, n_classes: int) -> torch.Tensor:
         """`[P, K, W]` unit steering directions in raw activation space, one per class: each
@@ -157,13 +157,13 @@ def _fit_logreg_part(x: torch.Tensor, t: torch.Tensor, C: float, max_iter: int, 
     """Consecutive probes, chunk by chunk: the fit, and how many probes missed `tol`."""
     fits, unconverged = [], 0
     for z, mean, scale in standardised_chunks(x, chunk_mb):
-        theta, busy, _ = _fit_logreg_chunk(z, t.to(z), C, max_iter, tol)
+        theta, busy, _ = fit_logreg_chunk(z, t.to(z), C, max_iter, tol)
         fits.append(ProbeFit(mean, scale, theta[:, :-1], theta[:, -1]))
         unconverged += int(busy.any(dim=2).sum())
     return ProbeFit.concat(fits), unconverged
 
 
-def _fit_logreg_chunk(z: torch.Tensor, t: torch.Tensor, C: float, max_iter: int,
+def fit_logreg_chunk(z: torch.Tensor, t: torch.Tensor, C: float, max_iter: int,
                       tol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`theta = [w; b]`, `[P, W + 1, O]` (the unpenalised intercept last), minimising the mean
     loss + ||w||^2 / 2Cn (sklearn's objective / Cn) for standardised `z: [P, n, W]`; which
@@ -177,10 +177,10 @@ def _fit_logreg_chunk(z: torch.Tensor, t: torch.Tensor, C: float, max_iter: int,
     penalty[W] = 0
 
     def z_mv(theta: torch.Tensor) -> torch.Tensor:  # [P, n, O]
-        return _matvec(z, theta[:, :W]) + theta[:, W:]
+        return matvec(z, theta[:, :W]) + theta[:, W:]
 
     def z_rmv(r: torch.Tensor) -> torch.Tensor:  # [P, W + 1, O]
-        return torch.cat([_rmatvec(z, r), r.sum(dim=1, keepdim=True)], dim=1)
+        return torch.cat([rmatvec(z, r), r.sum(dim=1, keepdim=True)], dim=1)
 
     theta = z.new_zeros(P, W + 1, t.shape[1])
     margin = z.new_zeros(P, n, t.shape[1])
@@ -236,7 +236,7 @@ def _line_search(margin: torch.Tensor, p: torch.Tensor, z_dir: torch.Tensor, t: 
     return torch.where(overshot, secant, newton)
 
 
-def _matvec(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def matvec(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """`z @ v` per probe. On the CPU, torch's batched matrix-vector product takes a slow path
     (several times slower than 2-D products on cached data), so loop there."""
     if z.is_cuda:
@@ -244,7 +244,7 @@ def _matvec(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.stack([zp @ vp for zp, vp in zip(z, v, strict=True)])
 
 
-def _rmatvec(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+def rmatvec(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """`z^T @ r` per probe, computed as `(r^T z)^T` to read z row by row (the CPU's fast path)."""
     return torch.bmm(r.transpose(1, 2), z).transpose(1, 2)
 

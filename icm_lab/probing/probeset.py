@@ -99,10 +99,6 @@ class ProbeSet:
                                 "steer.units=sigma): run localize again, or use steer.units=raw")
         return self._tensor(layer, _key("sigma", source))
 
-    def fit(self, layer: str) -> ProbeFit:
-        """The layer's probes, one per step, as a batch of P = steps probes."""
-        return ProbeFit(*(self._tensor(layer, f) for f in ("mean", "scale", "weight", "bias")))
-
     @classmethod
     def write(cls, root: Path, provenance: Provenance, classes: list[str], backend: str,
               fits: dict[str, ProbeFit], mean_diffs: dict[str, ProbeFit],

@@ -12,6 +12,7 @@ On a GPU: python -m icm_lab.tools.bench --model sd15_random model.device=cuda mo
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -34,14 +35,15 @@ from icm_lab.app.runner import run
 from icm_lab.app.validation import build
 from icm_lab.config.compose import CONFIG_DIR, compose_config
 from icm_lab.core.selection import step_window
-from icm_lab.engine.hooks import AddVector, DenoiserHooks
-from icm_lab.io.store import io_per_byte_stored
+from icm_lab.engine import hooks as hooks_module
+from icm_lab.engine.hooks import AddVector, DenoiserHooks, ForwardHook
+from icm_lab.io.store import ActivationStore, StoreWriter
 from icm_lab.models.adapters import layer_registry
 from icm_lab.probing.probes import (
-    _fit_logreg_chunk,
-    _matvec,
-    _rmatvec,
+    fit_logreg_chunk,
     fit_probes,
+    matvec,
+    rmatvec,
     scores,
     single_threaded,
     standardised_chunks,
@@ -73,36 +75,37 @@ def time_pair(baseline: Callable[[], object], variant: Callable[[], object], rep
 
 
 class HookTimer:
-    """Times every forward (pre-)hook registered while active: the engine's own cost, free of
-    the machine-load noise that blurs whole-generation ratios on a shared CPU."""
+    """Times the engine's hooks while active (their `before` and `after`, not the forwards they
+    wrap): the engine's own cost, free of the machine-load noise that blurs whole-generation
+    ratios on a shared CPU."""
 
     def __init__(self):
         self.seconds, self.calls = 0.0, 0
-        self._originals = {}
+        self._original = hooks_module.wrap_forward
 
-    def _wrap(self, register):
-        def patched(module, hook, *args, **kwargs):
-            def timed(*hook_args, **hook_kwargs):
-                start = time.perf_counter()
-                try:
-                    return hook(*hook_args, **hook_kwargs)
-                finally:
-                    self.seconds += time.perf_counter() - start
-                    self.calls += 1
+    def _timed(self, step: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return step(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+                self.calls += 1
 
-            return register(module, timed, *args, **kwargs)
-
-        return patched
+        return timed
 
     def __enter__(self) -> HookTimer:
-        for name in ("register_forward_hook", "register_forward_pre_hook"):
-            self._originals[name] = getattr(torch.nn.Module, name)
-            setattr(torch.nn.Module, name, self._wrap(self._originals[name]))
+        def wrap_timed(module: torch.nn.Module, hook: ForwardHook):
+            timed = ForwardHook()
+            timed.before, timed.after = self._timed(hook.before), self._timed(hook.after)
+            timed.call = hook.call
+            return self._original(module, timed)
+
+        hooks_module.wrap_forward = wrap_timed
         return self
 
     def __exit__(self, *exc) -> None:
-        for name, original in self._originals.items():
-            setattr(torch.nn.Module, name, original)
+        hooks_module.wrap_forward = self._original
 
 
 def _hook_benchmark(args: argparse.Namespace, overrides: list[str], name: str,
@@ -287,7 +290,7 @@ def _pass_cost(layers: list[torch.Tensor], train: torch.Tensor) -> None:
     def one_pass(x: torch.Tensor) -> None:
         for z, _, _ in standardised_chunks(x):
             theta = torch.ones(len(z), z.shape[2], 1)
-            _rmatvec(z, _matvec(z, theta))
+            rmatvec(z, matvec(z, theta))
 
     data = [x.permute(1, 0, 2)[:, train] for x in layers]
     workers = torch.get_num_threads()
@@ -321,7 +324,7 @@ def bench_solvers(args: argparse.Namespace, overrides: list[str]) -> None:
           f"N={len(train)}, C=1; mean (max) iterations to max |gradient| < tol", flush=True)
     for tol in (1e-3, 1e-4):
         counts = {"logreg (conjugate gradients)":
-                  [int(_fit_logreg_chunk(z, t, 1.0, 500, tol)[2].max()) for z in probes]}
+                  [int(fit_logreg_chunk(z, t, 1.0, 500, tol)[2].max()) for z in probes]}
         for m in (1, 8):
             counts[f"SESOP-{m}"] = [_sesop_iterations(z, t, 1.0, tol, m) for z in probes]
         for name, count in counts.items():
@@ -338,12 +341,12 @@ def _sesop_iterations(z: torch.Tensor, t: torch.Tensor, C: float, tol: float, m:
     steps: list[torch.Tensor] = []
     z_steps: list[torch.Tensor] = []
     for iteration in range(max_iter):
-        grad = torch.cat([_rmatvec(z, torch.sigmoid(margin) - t),
+        grad = torch.cat([rmatvec(z, torch.sigmoid(margin) - t),
                           (torch.sigmoid(margin) - t).sum(1, keepdim=True)], 1) / n
         grad = grad + theta * penalty.float()
         if grad.abs().max() < tol:
             return iteration
-        z_grad = _matvec(z, grad[:, :W]) + grad[:, W:]
+        z_grad = matvec(z, grad[:, :W]) + grad[:, W:]
         basis = torch.cat([grad, *steps], dim=2)[0].double()  # [W + 1, k]
         z_basis = torch.cat([z_grad, *z_steps], dim=2)[0].double()  # [n, k]
         gram = basis.T @ (penalty * basis)
@@ -473,6 +476,52 @@ def main() -> None:
     torch.set_grad_enabled(False)
     for name in args.only or BENCHMARKS:
         BENCHMARKS[name](args, overrides)
+
+
+def io_per_byte_stored(make_store: Callable[[], ActivationStore]) -> dict[str, float]:
+    """This process's I/O while `make_store()` runs (e.g. a fresh collect), per byte of the
+    store it returns (its `store/` folder; `stored_bytes`), from Linux's /proc/self/io:
+    `write_bytes` and `read_bytes` count what reached the storage layer (memory-mapped writes
+    included, in whole pages, when they are dirtied; nothing on tmpfs; page-cache hits are not
+    reads), `wchar` and `rchar` only bytes passed to write and read calls. `store_writes` and
+    `store_reads` are the parts spent inside `StoreWriter` (arrays, markers, finalize): about
+    1.0 and 0.0, since collect writes each activation byte once and reads none back; the rest
+    is the images, logs and model weights."""
+    spent = {"write_bytes": 0, "read_bytes": 0}
+
+    def counted(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def measured(*args: object, **kwargs: object) -> object:
+            start = _io_counters()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                end = _io_counters()
+                for key in spent:
+                    spent[key] += end[key] - start[key]
+        return measured
+
+    originals = {name: getattr(StoreWriter, name) for name in ("__init__", "write_batch",
+                                                                "finalize")}
+    for name, method in originals.items():
+        setattr(StoreWriter, name, counted(method))
+    before = _io_counters()
+    try:
+        store = make_store()
+    finally:
+        for name, method in originals.items():
+            setattr(StoreWriter, name, method)
+    after = _io_counters()
+    stored = sum(path.stat().st_size for path in (store.root / "store").iterdir())
+    delta = {key: (after[key] - before[key]) / stored
+             for key in ("write_bytes", "read_bytes", "wchar", "rchar")}
+    return {"stored_bytes": stored, **delta, "store_writes": spent["write_bytes"] / stored,
+            "store_reads": spent["read_bytes"] / stored}
+
+
+def _io_counters() -> dict[str, int]:
+    lines = Path("/proc/self/io").read_text().splitlines()
+    return {key: int(value) for key, value in (line.split(": ") for line in lines)}
 
 
 if __name__ == "__main__":
