@@ -32,6 +32,7 @@ from icm_lab.app.replay import replay
 from icm_lab.app.runner import objective, run
 from icm_lab.app.validation import build, validate
 from icm_lab.config.compose import CONFIG_DIR, SWEEPS_DIR, compose_config
+from icm_lab.config.schema import choices_of
 from icm_lab.core.errors import UserError, choices_error
 from icm_lab.evaluation.metrics import FEATURES, save_reference_statistics
 from icm_lab.models.adapters import layer_registry
@@ -83,6 +84,9 @@ def error_line(error: Exception) -> str:
         error = error.__cause__  # "Error merging override ...": the value's own complaint
     if isinstance(error, OmegaConfBaseException):
         key = getattr(error, "full_key", None)
+        choices = choices_of(getattr(error, "object_type", None), getattr(error, "key", None))
+        if key and choices:  # a choice field: the same line as every other refused choice
+            return str(choices_error(key, getattr(error, "value", None), choices))
         message = getattr(error, "msg", str(error)).splitlines()[0]
         return f"{key}: {message}" if key else message
     return str(error).strip().splitlines()[0] if isinstance(error, HydraException) else str(error)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
+from icm_lab.config.schema import Halves
 from icm_lab.core.layers import LayerRegistry
 from icm_lab.models.adapters import TextContext, adapter_for
 from icm_lab.models.loading import like_parameters
@@ -124,7 +125,7 @@ class AddVector(Intervention):
             )
         if not torch.isfinite(self.vectors).all():
             raise ValueError(f"intervention on {self.layer}: vectors hold NaN or infinity")
-        if self.halves not in ("cond", "both"):
+        if self.halves not in set(Halves):
             raise ValueError(f"halves must be 'cond' or 'both', got {self.halves!r}")
 
     def hook(self, state: StepState, net: torch.nn.Module) -> ForwardHook:

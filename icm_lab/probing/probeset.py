@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from icm_lab.config.schema import Direction
 from icm_lab.core.errors import UserError
 from icm_lab.io.artefacts import Provenance, damage, is_sealed, read_json, seal
 from icm_lab.io.files import atomic, write_json, write_table
@@ -39,7 +40,7 @@ from icm_lab.probing.probes import ProbeFit
 if TYPE_CHECKING:
     from icm_lab.io.store import ActivationStore
 
-SOURCES = ("probe", "mean_diff")  # where a direction comes from (steer.direction)
+SOURCES = tuple(Direction)  # where a direction comes from (steer.direction)
 
 
 def projection_std(x: np.ndarray, directions: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
-SPLITS = ("prompt", "image")
+from icm_lab.config.schema import Split
+
+SPLITS = tuple(Split)  # localize.split's choices
 
 
 def split_indices(labels: np.ndarray, groups: np.ndarray, method: str, test_size: float,

@@ -33,9 +33,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from icm_lab.config.schema import LAYER_KINDS, CausalConfig, SteerConfig
+from icm_lab.config.schema import CausalConfig, SteerConfig
 from icm_lab.core.errors import UserError
-from icm_lab.core.layers import LayerInfo
+from icm_lab.core.layers import LAYER_KINDS, LayerInfo
 from icm_lab.core.selection import ALL_CLASSES, STEERING, LayerSelection, rank_effects, rank_layers
 from icm_lab.core.selection import step_window as fraction_window
 from icm_lab.engine.generation import PrefixRows

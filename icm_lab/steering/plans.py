@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from icm_lab.config.schema import STEER_UNITS
+from icm_lab.config.schema import Policy, Units
 from icm_lab.core.errors import UserError, choices_error
 from icm_lab.engine.hooks import AddVector
 from icm_lab.io.files import atomic, write_json
@@ -37,7 +37,6 @@ from icm_lab.io.files import atomic, write_json
 if TYPE_CHECKING:
     from icm_lab.probing.probeset import ProbeSet
 
-POLICIES = ("all", "minimal", "paper_batch")
 UNTOUCHED = -1
 PAPER_BATCH = 16  # the paper generated and steered 16 images per batch, one class per batch
 
@@ -61,8 +60,8 @@ def assign_targets(n: int, target: np.ndarray, seed: int, policy: str = "all",
     `paper_batch`: every sample is steered, each run of PAPER_BATCH samples to one class drawn
     from `target`.
     """
-    if policy not in POLICIES:
-        raise choices_error("steer.policy", policy, POLICIES)
+    if policy not in set(Policy):
+        raise choices_error("steer.policy", policy, list(Policy))
     if policy == "paper_batch":
         return paper_batch_targets(n, target, seed)
     counts = largest_remainder(n, target)
@@ -113,8 +112,8 @@ def calibrated_scale(probes: ProbeSet, layer: str, source: str, units: str) -> t
     """`[steps, classes]`, what alpha is multiplied by at `layer` along the `source` directions:
     1 (`raw`) or their sigma (`sigma`: alpha counts standard deviations of the collected
     activations along the direction)."""
-    if units not in STEER_UNITS:
-        raise choices_error("steer.units", units, STEER_UNITS)
+    if units not in set(Units):
+        raise choices_error("steer.units", units, list(Units))
     if units == "raw":  # no sigma read: probe sets from before sigma still steer in raw units
         return torch.ones(probes.directions(layer, source).shape[:2])
     return probes.sigmas(layer, source)
