@@ -167,7 +167,6 @@ def test_hooks_are_removed_on_exceptions(tiny):
     with pytest.raises(ValueError, match="conditional batch has 3"):
         with DenoiserHooks(pipe, registry, record=registry.names(), interventions=[bad]):
             generate(pipe, cfg, steps=2, guidance=5.0)
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
     assert all("forward" not in vars(m) for m in modules)  # every wrapper undone
 
 
@@ -306,3 +305,21 @@ def test_a_timestep_that_views_the_schedule_is_located_without_reading_it():
     assert view_position(schedule[2].to(torch.bfloat16), schedule) is None
     assert view_position(schedule[1:3], schedule) is None
     assert view_position(941, schedule) is None
+
+
+def test_engines_that_exit_out_of_order_leave_no_edit_behind(tiny):
+    """A steering engine that exits while another still wraps the same modules stops steering
+    at once; when both are gone the pipeline generates exactly as before."""
+    pipe, registry, cfg = tiny("tiny_sd15")
+    layer = registry.select("attn1")[0]
+    push = AddVector(layer.name, 50 * torch.ones(len(PROMPTS), layer.width))
+    plain = generate(pipe, cfg, steps=2, guidance=5.0)
+    steering, recording = (DenoiserHooks(pipe, registry, interventions=[push]),
+                           DenoiserHooks(pipe, registry, record=[layer.name]))
+    steering.__enter__()
+    recording.__enter__()
+    steering.__exit__(None, None, None)  # out of order: the recorder still wraps the layer
+    assert np.array_equal(generate(pipe, cfg, steps=2, guidance=5.0), plain)
+    recording.__exit__(None, None, None)
+    assert np.array_equal(generate(pipe, cfg, steps=2, guidance=5.0), plain)
+    assert all(vars(m).get("forward") is None for m in pipe.unet.modules())

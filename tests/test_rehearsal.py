@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from icm_lab.tools.rehearsal import FULL, SECTIONS
+from icm_lab.tools.rehearsal import SECTIONS
 
 KIT = Path(__file__).resolve().parent.parent / "icm_lab" / "tools" / "gpu_kit.txt"
 
@@ -37,11 +37,6 @@ def test_the_run_path_imports_without_wandb():
     assert "wandb" not in " ".join(kit())
 
 
-def test_the_full_rehearsal_runs_the_paper_sizes():
-    assert (FULL.sd15, FULL.sdxl, FULL.sana) == ("sd15_random", "sdxl_random", "sana_random")
-    assert FULL.steps == 50 and FULL.batches == (8, 16) and FULL.dtype == "float16"
-
-
 @pytest.mark.slow
 def test_the_smoke_rehearsal_runs_every_section(tmp_path):
     done = subprocess.run([sys.executable, "-m", "icm_lab.tools.rehearsal", str(tmp_path),
@@ -52,7 +47,9 @@ def test_the_smoke_rehearsal_runs_every_section(tmp_path):
     assert done.returncode == 0 and not errors, (errors, done.stdout[-2000:])
     sides = report["sd15"]["batches"]["2"]
     assert set(sides) == {"plain", "record", "steer"}
-    assert sides["record"]["vs_plain"] > 0
+    for name in ("record", "steer"):  # the ratio of the fastest repetitions, and of medians
+        assert sides[name]["vs_plain"] == min(sides["plain"]["seconds"]) / min(
+            sides[name]["seconds"])
     assert report["sd15"]["host_syncs"]["plain"]["per_step"] is None  # no CUDA here
     toy, sd15 = report["pipeline"]["toy"], report["pipeline"]["sd15"]
     assert toy["exit_status"] == 0 and sd15["exit_status"] == 0
@@ -62,4 +59,5 @@ def test_the_smoke_rehearsal_runs_every_section(tmp_path):
     for family in ("sdxl", "sana"):
         assert report[family]["record"]["recorded_layers"] == report[family]["hook_points"]
     assert set(report["hours"]["rates_image_steps_per_s"]) == {"sd15", "sdxl", "sana"}
-    assert "## tiny_sd15" in (tmp_path / "rehearsal.md").read_text()
+    text = (tmp_path / "rehearsal.md").read_text()
+    assert "## tiny_sd15" in text and "Smoke scale" in text and "| paper_sd15_gender |" in text

@@ -57,24 +57,33 @@ class ForwardHook:
 def wrap_forward(module: torch.nn.Module, hook: ForwardHook) -> Callable[[], None]:
     """Route `module.forward` through `hook` (an instance attribute that shadows the class's
     method, which `nn.Module.__call__` then calls); returns the function that undoes it.
-    Wrappers nest, the last one outermost, and are undone in reverse order."""
+    Wrappers nest, the last one outermost. Undone in reverse order, each restores what it
+    shadowed; undone while another wrapper sits on top of it, it becomes a pass-through (the
+    one on top still calls it), so no edit outlives its engine in any order of exits."""
     shadowed = vars(module).get("forward")  # another wrapper's, or None: the class's method
     inner = module.forward
+    active = [hook]
 
     def forward(*args: Any, **kwargs: Any) -> Any:
+        if not active:
+            return inner(*args, **kwargs)
         args, kwargs = hook.before(args, kwargs)
         return hook.after(hook.call(inner, args, kwargs))
 
     module.forward = functools.update_wrapper(forward, inner)  # keeps the signature
+    forward.icm_lab_wrapper = (active, shadowed)  # what unwrapping the one on top skips
 
     def unwrap() -> None:
+        active.clear()
         if vars(module).get("forward") is not forward:
-            raise RuntimeError(f"{type(module).__name__}.forward was wrapped again after this "
-                               "hook and not unwrapped first")
-        if shadowed is None:
+            return  # covered: a pass-through until the wrapper on top goes
+        restore = shadowed
+        while restore is not None and not getattr(restore, "icm_lab_wrapper", ([True],))[0]:
+            restore = restore.icm_lab_wrapper[1]  # a pass-through left by an earlier exit
+        if restore is None:
             del module.forward
         else:
-            module.forward = shadowed
+            module.forward = restore
 
     return unwrap
 
@@ -287,7 +296,7 @@ class DenoiserHooks:
         self._unwrap.append(wrap_forward(module, hook))
 
     def _detach(self) -> None:
-        while self._unwrap:
+        while self._unwrap:  # innermost last; one that is covered turns into a pass-through
             self._unwrap.pop()()
 
     # -- step tracking ---------------------------------------------------------------------
@@ -310,10 +319,9 @@ class DenoiserHooks:
         the device.
         """
         timesteps = self.pipe.scheduler.timesteps
-        key = (id(timesteps), len(timesteps))
-        if self._timesteps is None or self._timesteps[0] != key:
+        if self._timesteps is None or self._timesteps[0] is not timesteps:  # a new schedule
             host = timesteps.detach().float().cpu()  # once per schedule, before the first step
-            self._timesteps = (key, host, torch.unique_consecutive(host))
+            self._timesteps = (timesteps, host, torch.unique_consecutive(host))
         _, host, distinct = self._timesteps
         position = view_position(timestep, timesteps)
         t = float(host[position] if position is not None
@@ -414,9 +422,10 @@ class _AddHook(ForwardHook):
     def __init__(self, intervention: AddVector, state: StepState, net: torch.nn.Module):
         self.spec = intervention
         self.state = state
-        self.vectors = like_parameters(intervention.vectors, net)
-        nonzero = self.vectors.reshape(len(self.vectors), -1).abs().sum(dim=1) > 0
-        self.active = torch.nonzero(nonzero).flatten()
+        vectors = intervention.vectors
+        nonzero = vectors.reshape(len(vectors), -1).abs().sum(dim=1) > 0  # where they are
+        self.vectors = like_parameters(vectors, net)
+        self.active = torch.nonzero(nonzero).flatten().to(self.vectors.device)
 
     def after(self, output: Any) -> Any:
         spec, state = self.spec, self.state

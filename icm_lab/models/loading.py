@@ -4,6 +4,7 @@ arguments every generation passes, and the layer registry read without loading w
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from dataclasses import dataclass, field
@@ -145,7 +146,12 @@ class ModelSpec:
     def __post_init__(self) -> None:
         self.load_kwargs, self.call_kwargs = dict(self.load_kwargs), dict(self.call_kwargs)
         self.component_dtypes = dict(self.component_dtypes)
+        components = [name for name in inspect.signature(getattr(diffusers, self.pipeline)
+                                                         ).parameters if name != "self"]
         for component, name in self.component_dtypes.items():
+            if component not in components:
+                raise choices_error("model.component_dtypes", component, components,
+                                    f" for {self.pipeline}")
             if name not in DTYPES:
                 raise choices_error(f"model.component_dtypes.{component}", name, sorted(DTYPES))
         if not hasattr(diffusers, self.pipeline):
@@ -210,8 +216,9 @@ class ModelSpec:
         if not self.pretrained and dtype != torch.float32:
             pipe.to(dtype=dtype)  # twins are built in float32; real weights load in their dtype
         pipe.to(device=device)
-        for component, name in self.component_dtypes.items():  # the paper keeps Sana's VAE fp32
-            getattr(pipe, component).to(dtype=resolve_dtype(name, device))
+        if not self.pretrained:  # a twin is built in float32; real weights loaded in their dtypes
+            for component, name in self.component_dtypes.items():
+                getattr(pipe, component).to(dtype=resolve_dtype(name, device))
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -223,7 +230,7 @@ class ModelSpec:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
         try:  # offline: the cache only, so diffusers neither tries the Hub nor advises it
-            return pipe_cls.from_pretrained(self.pretrained, dtype=dtype,
+            return pipe_cls.from_pretrained(self.pretrained, dtype=self._dtypes(dtype),
                                             local_files_only=hub_offline(), **kwargs)
         except (OSError, ValueError) as error:
             if not local_folder(self.pretrained):  # the Hub could not be reached
@@ -231,6 +238,15 @@ class ModelSpec:
                                      "downloaded from the Hub") from error
             raise ModelLoadError(f"could not load model={self.name} from {self.pretrained!r}: "
                                  f"{str(error).splitlines()[0][:300]}") from error
+
+    def _dtypes(self, dtype: torch.dtype) -> torch.dtype | dict[str, torch.dtype]:
+        """`dtype`, or per component (diffusers' dict form) where `component_dtypes` says so:
+        each component loads straight into its own dtype."""
+        if not self.component_dtypes:
+            return dtype
+        device = resolve_device(self.device)
+        return {"default": dtype} | {name: resolve_dtype(value, device)
+                                     for name, value in self.component_dtypes.items()}
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """The keyword arguments every generation with this model passes to the pipeline."""

@@ -39,7 +39,7 @@ from icm_lab.io.tracking import Tracker
 from icm_lab.labeling.labelers import Labeler
 from icm_lab.models.adapters import ModelAdapter, adapter_for, layer_registry
 from icm_lab.models.clip import Clip
-from icm_lab.models.loading import ModelSpec
+from icm_lab.models.loading import ModelSpec, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +126,13 @@ class Resources:
 
     # -- what artefacts depend on ----------------------------------------------------------
     def model_identity(self) -> dict[str, Any]:
-        """The model settings images depend on (not the device, nor which concepts it allows)."""
-        return {k: v for k, v in OmegaConf.to_container(self._cfg.model, resolve=True).items()
-                if k not in ("device", "concepts")}
+        """The model settings images depend on (not the device, nor which concepts it allows),
+        but for a random twin, whose weights are drawn on its device, that device's kind."""
+        identity = {k: v for k, v in OmegaConf.to_container(self._cfg.model, resolve=True).items()
+                    if k not in ("device", "concepts")}
+        if not identity.get("pretrained"):
+            identity["build_device"] = resolve_device(self._cfg.model.device).type
+        return identity
 
     def labelling_identity(self) -> dict[str, Any]:
         """The settings labels depend on."""

@@ -53,7 +53,7 @@ from icm_lab.probing.probes import (
 TARGETS = {"record": {"cpu": 0.10, "cuda": 0.05}, "steer": {"cpu": 0.03, "cuda": 0.02}}
 
 
-def _sync() -> None:
+def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -65,10 +65,10 @@ def time_pair(baseline: Callable[[], object], variant: Callable[[], object], rep
     times: dict[str, list[float]] = {"baseline": [], "variant": []}
     for _ in range(reps):
         for name, fn in (("baseline", baseline), ("variant", variant)):
-            _sync()
+            sync()
             start = time.perf_counter()
             fn()
-            _sync()
+            sync()
             times[name].append(time.perf_counter() - start)
     return (min(times["baseline"]), min(times["variant"]),
             statistics.median(times["baseline"]), statistics.median(times["variant"]))
@@ -263,7 +263,7 @@ def _race_logreg(layers: list[torch.Tensor], y: torch.Tensor, train: torch.Tenso
     threads = (f"{workers or torch.get_num_threads()} worker threads x 1 torch thread"
                if workers != 1 else f"1 worker x {torch.get_num_threads()} torch threads")
     print(f"  logreg tol {tol:g} on {device}, {threads}: {machine()}", flush=True)
-    _sync()
+    sync()
     wall, cpu = time.perf_counter(), time.process_time()
     balanced = []
     for x in layers:  # rows gathered in the store's layout, as localize does
@@ -272,7 +272,7 @@ def _race_logreg(layers: list[torch.Tensor], y: torch.Tensor, train: torch.Tenso
                          workers=workers)
         logits = fit.logits(x[test].transpose(0, 1))
         balanced.append(scores(logits, y[test].to(device), 2)["balanced_accuracy"].cpu())
-    _sync()
+    sync()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     balanced = torch.cat(balanced).numpy()
     print(f"    wall {wall:.1f} s, CPU {cpu:.1f} s", flush=True)

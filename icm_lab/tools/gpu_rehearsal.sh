@@ -6,10 +6,12 @@
 set -euo pipefail
 out=${1:?usage: gpu_rehearsal.sh OUT_DIR [rehearsal args]}
 shift
-python=${PYTHON:-python3}
+python=${PYTHON:-python3}  # the machine's own, with its torch
+ls .whl/*.whl >/dev/null 2>&1 || {
+  echo "no wheels in $PWD/.whl/: run 'make gpu-kit' in the repository root first" >&2; exit 2; }
 site=$(mktemp -d /tmp/icm_lab-kit.XXXXXX)
-ls .whl/*.whl >/dev/null 2>&1 || { echo "no wheels in .whl/: run 'make gpu-kit' first" >&2; exit 2; }
+trap 'rm -rf "$site"' EXIT
 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl
 export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline
-exec "$python" -m icm_lab.tools.rehearsal "$out" "$@"
+"$python" -m icm_lab.tools.rehearsal "$out" "$@"

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -31,20 +32,25 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers import DiffusionPipeline
 from joblib import Parallel, delayed
 from omegaconf import OmegaConf
 
 from icm_lab.app.validation import build
 from icm_lab.config.compose import SWEEPS_DIR, compose_config
+from icm_lab.core.layers import LayerRegistry
 from icm_lab.core.selection import step_window
+from icm_lab.engine.generation import STATELESS_SCHEDULERS
 from icm_lab.engine.hooks import AddVector, DenoiserHooks
-from icm_lab.models.adapters import layer_registry
+from icm_lab.models.adapters import denoiser, layer_registry
+from icm_lab.models.loading import ModelSpec
 from icm_lab.probing.probes import fit_probes, scores
-from icm_lab.tools.bench import planted_activations, sklearn_layer
+from icm_lab.tools.bench import planted_activations, sklearn_layer, sync
 
 # The CUDA runtime calls that make the host wait for the device.
 SYNC_CALLS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize",
-              "cudaMemcpy", "cudaStreamWaitEvent")
+              "cudaMemcpy")
+TABLES_ALPHAS = 4  # `make tables`' alpha sweep (Makefile: steer.alpha=0,8,16,32)
 GOALS = {"record": 0.90, "steer": 0.98, "logreg_speedup": 10.0}
 
 
@@ -80,12 +86,7 @@ SMOKE = Scale(sd15="tiny_sd15", sdxl="tiny_sdxl", sana="tiny_sana", dtype="float
               one_batch=("model.steps=4", "model.batch_size=2"))
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def load(model: str, *overrides: str):
+def load(model: str, *overrides: str) -> tuple[ModelSpec, DiffusionPipeline, LayerRegistry]:
     """A model's spec, pipeline and layer registry, as a run loads them."""
     spec = build(compose_config([f"model={model}", *overrides]).model, "model")
     pipe = spec.load()
@@ -102,7 +103,8 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def steering(registry, batch: int, steps: int, names: list[str]) -> list[AddVector]:
+def steering(registry: LayerRegistry, batch: int, steps: int, names: list[str]
+             ) -> list[AddVector]:
     """ICM-shaped interventions: per-sample, per-step vectors on `names` from 30% of the steps."""
     g = torch.Generator().manual_seed(0)
     start = step_window(0.3, None, steps).start
@@ -110,8 +112,8 @@ def steering(registry, batch: int, steps: int, names: list[str]) -> list[AddVect
                       start=start) for name in names]
 
 
-def sides(pipe, registry, batch: int, steps: int, steer_layers: list[str]
-          ) -> dict[str, Callable[[], AbstractContextManager]]:
+def sides(pipe: DiffusionPipeline, registry: LayerRegistry, batch: int, steps: int,
+          steer_layers: list[str]) -> dict[str, Callable[[], AbstractContextManager]]:
     """What is timed: the plain pipeline, recording every hook point, steering three layers."""
     return {
         "plain": nullcontext,
@@ -121,52 +123,59 @@ def sides(pipe, registry, batch: int, steps: int, steer_layers: list[str]
     }
 
 
-def generate(pipe, spec, batch: int, steps: int | None = None) -> None:
+def generate(pipe: DiffusionPipeline, spec: ModelSpec, batch: int, steps: int | None = None
+             ) -> None:
     generators = [torch.Generator().manual_seed(i) for i in range(batch)]
     kwargs = spec.pipeline_kwargs() | ({"num_inference_steps": steps} if steps else {})
     pipe(["a photo of a person"] * batch, generator=generators, output_type="pt", **kwargs)
 
 
-PROFILED_STEPS = 10  # syncs per step do not depend on the step count; the trace's size does
+PROFILED_STEPS = (4, 8)  # two generations: their difference is what the steps add
 
 
-def count_syncs(pipe, spec, registry, batch: int, steer_layers: list[str]) -> dict[str, Any]:
-    """Host synchronisations of each side during one generation of PROFILED_STEPS steps: the
-    CUDA runtime calls that wait (profiler), per step, and the Python lines that asked for them
-    (torch's sync debug mode)."""
+def count_syncs(pipe: DiffusionPipeline, spec: ModelSpec, registry: LayerRegistry, batch: int,
+                steer_layers: list[str]) -> dict[str, Any]:
+    """Host synchronisations of each side: the CUDA runtime calls that wait (profiler) in a
+    generation of 4 and of 8 steps. Their difference over 4 is what one denoising step makes;
+    the rest (prompt encoding, the schedule, decoding, moving steering vectors) is made once per
+    generation. The Python lines that asked for them come from torch's sync debug mode."""
     if not torch.cuda.is_available():
         return {name: {"per_step": None, "note": "no CUDA device"} for name in ("plain", "record",
                                                                                "steer")}
     from torch.profiler import ProfilerActivity, profile
 
     result = {}
-    for name, hooks in sides(pipe, registry, batch, PROFILED_STEPS, steer_layers).items():
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    with hooks():
-                        generate(pipe, spec, batch, PROFILED_STEPS)
-                    sync()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        calls = sum(1 for e in prof.events() if e.name in SYNC_CALLS)
-        sites: dict[str, int] = {}
-        for w in caught:
-            if "synchroniz" in str(w.message):
-                key = f"{Path(w.filename).name}:{w.lineno}"
-                sites[key] = sites.get(key, 0) + 1
-        result[name] = {"calls": calls, "per_step": calls / PROFILED_STEPS,
+    few, many = PROFILED_STEPS
+    for name in ("plain", "record", "steer"):
+        calls, sites = {}, {}
+        for steps in PROFILED_STEPS:
+            hooks = sides(pipe, registry, batch, steps, steer_layers)[name]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                        with hooks():
+                            generate(pipe, spec, batch, steps)
+                        sync()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            calls[steps] = sum(1 for e in prof.events() if e.name in SYNC_CALLS)
+            for w in caught:
+                if "synchroniz" in str(w.message):
+                    key = f"{Path(w.filename).name}:{w.lineno}"
+                    sites[key] = sites.get(key, 0) + 1
+        per_step = (calls[many] - calls[few]) / (many - few)
+        result[name] = {"per_step": per_step, "per_generation": calls[few] - few * per_step,
                         "sites": sorted(sites.items(), key=lambda item: -item[1])[:12]}
     for name in ("record", "steer"):  # what the hooks add to the plain pipeline's own
-        result[name]["added_per_step"] = (result[name]["calls"] - result["plain"]["calls"]
-                                          ) / PROFILED_STEPS
+        result[name]["added_per_step"] = result[name]["per_step"] - result["plain"]["per_step"]
     return result
 
 
 def sd15(scale: Scale, out: Path) -> dict[str, Any]:
-    """SD1.5 at full size: images/s, peak memory and host syncs of each side, per batch size."""
+    """SD1.5 at full size: images/s and peak memory of each side per batch size; host syncs at
+    the smallest batch (they do not depend on it)."""
     spec, pipe, registry = load(scale.sd15, f"model.dtype={scale.dtype}",
                                 f"model.steps={scale.steps}")
     steer_layers = list(compose_config(["layers=paper_sd15"]).layers.select)
@@ -195,8 +204,11 @@ def sd15(scale: Scale, out: Path) -> dict[str, Any]:
         rows = {name: {"images_per_s": batch / min(times), "seconds": times,
                        "peak_gib": peaks[name]} for name, times in seconds.items()}
         for name in ("record", "steer"):
-            rows[name]["vs_plain"] = rows[name]["images_per_s"] / rows["plain"]["images_per_s"]
+            rows[name]["vs_plain"] = min(seconds["plain"]) / min(seconds[name])
+            rows[name]["vs_plain_median"] = (statistics.median(seconds["plain"])
+                                             / statistics.median(seconds[name]))
             rows[name]["goal"] = GOALS[name]
+            rows[name]["met"] = rows[name]["vs_plain"] >= GOALS[name]
         result["batches"][str(batch)] = rows
         print(f"  sd15 batch {batch}: " + ", ".join(
             f"{n} {r['images_per_s']:.2f} img/s" for n, r in rows.items()), flush=True)
@@ -252,6 +264,8 @@ def probes(scale: Scale, out: Path) -> dict[str, Any]:
     test = torch.tensor(sorted(set(range(n)) - set(train.tolist())))
     arrays = [x.permute(1, 0, 2).contiguous().numpy() for x in layers]
     jobs = os.cpu_count() or 1
+    warm = (arrays[0][:1, :64], y.numpy()[:64], np.arange(48), np.arange(48, 64))
+    Parallel(n_jobs=jobs)(delayed(sklearn_layer)(*warm) for _ in range(jobs))  # workers started
     start = time.perf_counter()
     reference = Parallel(n_jobs=jobs)(delayed(sklearn_layer)(x, y.numpy(), train.numpy(),
                                                              test.numpy()) for x in arrays)
@@ -285,12 +299,12 @@ def one_batch(model: str, scale: Scale) -> dict[str, Any]:
     steer_layers = attn1[max(0, len(attn1) // 2 - 1):][:3]  # three in the middle
     result: dict[str, Any] = {"model": spec.name, "resolution": spec.resolution,
                               "steps": spec.steps, "batch": batch,
-                              "dtypes": {name: str(getattr(pipe, name).dtype) for name in
-                                         ("text_encoder", "vae", spec_denoiser(pipe))},
+                              "dtypes": {"text_encoder": str(pipe.text_encoder.dtype),
+                                         "vae": str(pipe.vae.dtype),
+                                         "denoiser": str(denoiser(pipe).dtype)},
                               "hook_points": len(registry.names()),
                               "parameters_billion": sum(
-                                  p.numel() for p in getattr(pipe, spec_denoiser(pipe))
-                                  .parameters()) / 1e9}
+                                  p.numel() for p in denoiser(pipe).parameters()) / 1e9}
     generate(pipe, spec, batch, steps=2)  # warm-up: kernels chosen, memory pools filled
     for name, hooks in sides(pipe, registry, batch, spec.steps, steer_layers).items():
         if name == "plain":
@@ -315,27 +329,27 @@ def one_batch(model: str, scale: Scale) -> dict[str, Any]:
     return result
 
 
-def spec_denoiser(pipe) -> str:
-    return "unet" if hasattr(pipe, "unet") else "transformer"
-
-
 def hours(report: dict[str, Any]) -> dict[str, Any]:
-    """Hours of the paper's runs at the measured images/s: each image costs its denoising steps
-    (collect recording every layer, steered images only after the steering start)."""
-    rates = {}  # image-steps per second of each side, per model family
+    """Hours of generation for the paper's runs at the measured rates (image-steps per second,
+    at the experiment's batch size where it was measured): collect at the recording rate, base
+    images at the plain rate, steered images at the steering rate from the steering start when
+    the scheduler lets them continue from the shared prefix, else from step 0. `make tables`
+    adds one set of steered images per steering method and per alpha. SDXL and Sana are timed
+    recording and steering only: their plain rate is the steering rate."""
+    rates: dict[str, dict[int, dict[str, float]]] = {}  # family -> batch -> side -> rate
     if "batches" in report.get("sd15", {}):
         sd = report["sd15"]
-        best = sd["batches"][max(sd["batches"], key=int)]
-        rates["sd15"] = {k: best[k]["images_per_s"] * sd["steps"]
-                         for k in ("plain", "record", "steer")}
+        rates["sd15"] = {int(batch): {side: row["images_per_s"] * sd["steps"]
+                                      for side, row in rows.items()}
+                         for batch, rows in sd["batches"].items()}
     for family in ("sdxl", "sana"):
-        if "record" in report.get(family, {}):
-            row, steps = report[family], report[family]["steps"]
-            steer = row["steer"]["images_per_s"] * steps  # plain is not timed at full size
-            rates[family] = {"plain": steer, "record": row["record"]["images_per_s"] * steps,
-                             "steer": steer}
-    methods = OmegaConf.load(SWEEPS_DIR / "methods.yaml").hydra.sweeper.params.method
-    sweeps = {"methods": len(str(methods).split(",")), "alpha": 4}  # make tables' two sweeps
+        row = report.get(family, {})
+        if "record" in row:
+            steer = row["steer"]["images_per_s"] * row["steps"]
+            rates[family] = {row["batch"]: {"plain": steer, "steer": steer,
+                                            "record": row["record"]["images_per_s"] * row["steps"]}}
+    methods = str(OmegaConf.load(SWEEPS_DIR / "methods.yaml").hydra.sweeper.params.method)
+    steered_jobs = len([m for m in methods.split(",") if m.strip() != "none"]) + TABLES_ALPHAS
     estimates = {}
     for experiment in ("paper_sd15_gender", "paper_sd15_age", "paper_sd15_race",
                        "paper_sdxl_gender", "paper_sana_gender"):
@@ -343,18 +357,22 @@ def hours(report: dict[str, Any]) -> dict[str, Any]:
         family = cfg.model.name
         if family not in rates:
             continue
-        rate, steps = rates[family], cfg.model.steps
+        batch = min(rates[family], key=lambda b: abs(b - cfg.model.batch_size))
+        rate, steps = rates[family][batch], cfg.model.steps
         n_eval = len(cfg.concept.eval_prompts) * cfg.eval.n_images_per_prompt
-        start = step_window(cfg.steer.start, cfg.steer.end, steps).start
+        shared = cfg.model.scheduler in STATELESS_SCHEDULERS  # null: the checkpoint's, unknown
+        start = step_window(cfg.steer.start, cfg.steer.end, steps).start if shared else 0
         one = {"collect": cfg.collect.n_images * steps / rate["record"],
                "base": n_eval * steps / rate["plain"],
                "steered": n_eval * (steps - start) / rate["steer"]}
-        tables = one["collect"] + one["base"] + sum(sweeps.values()) * one["steered"]
+        tables = one["collect"] + one["base"] + steered_jobs * one["steered"]
         estimates[experiment] = {"images": {"collect": cfg.collect.n_images, "eval": n_eval},
+                                 "rate_batch": batch, "steered_from_step": start,
                                  "hours": {k: v / 3600 for k, v in one.items()},
                                  "run_hours": sum(one.values()) / 3600,
                                  "make_tables_hours": tables / 3600}
-    return {"rates_image_steps_per_s": rates, "sweep_jobs": sweeps, "experiments": estimates,
+    return {"rates_image_steps_per_s": rates, "make_tables_steered_jobs": steered_jobs,
+            "experiments": estimates,
             "note": "generation only: labelling, probes and evaluation are not included"}
 
 
@@ -389,28 +407,86 @@ def section(report: dict[str, Any], name: str) -> Iterator[None]:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    """The report for reading: tables where there are tables, every failure with its error."""
+    env = report["environment"]
     lines = ["# GPU rehearsal", "", f"`{report['command']}`", "",
-             "```json", json.dumps(report["environment"], indent=1), "```", ""]
+             f"{env.get('gpu', 'no GPU')}, {env['cpus']} cores at load {env['load'][0]:.2f}; "
+             f"Python {env['python']}, torch {env['torch']}, diffusers {env['diffusers']}, "
+             f"transformers {env['transformers']}", ""]
+    if report["scale"]["sd15"] != "sd15_random":
+        lines += ["**Smoke scale: tiny random twins on the CPU. Every figure below checks the "
+                  "script, not the hardware; the hours are meaningless.**", ""]
+    failed = [(name, value["error"]) for name, value in report.items()
+              if isinstance(value, dict) and "error" in value]
+    lines += [f"**{name} failed**: `{error}` (traceback in rehearsal.json)"
+              for name, error in failed]
     sd = report.get("sd15", {})
     if "batches" in sd:
-        lines += [f"## {sd['model']}: {sd['resolution']} px, {sd['steps']} steps, guidance "
+        lines += ["", f"## {sd['model']}: {sd['resolution']} px, {sd['steps']} steps, guidance "
                   f"{sd['guidance']}, {sd['dtype']}", "",
-                  "| batch | side | images/s | vs plain (goal) | peak GiB |",
-                  "|---|---|---|---|---|"]
+                  "| batch | side | images/s | vs plain, fastest (median) | goal | peak GPU GiB |",
+                  "|---|---|---|---|---|---|"]
         for batch, rows in sd["batches"].items():
             for name, row in rows.items():
-                ratio = (f"{row['vs_plain']:.3f} (≥ {row['goal']})" if "vs_plain" in row else "")
-                peak = row["peak_gib"]
+                ratio = (f"{row['vs_plain']:.3f} ({row['vs_plain_median']:.3f})"
+                         if "vs_plain" in row else "")
+                goal = (f"≥ {row['goal']} {'met' if row['met'] else 'not met'}"
+                        if "goal" in row else "")
+                peak = "n/a (CPU)" if row["peak_gib"] is None else f"{row['peak_gib']:.2f}"
                 lines.append(f"| {batch} | {name} | {row['images_per_s']:.3f} | {ratio} | "
-                             f"{'' if peak is None else f'{peak:.1f}'} |")
-        lines += ["", "Host synchronisations (CUDA runtime calls that wait), per denoising step:",
-                  "", "```json", json.dumps(sd["host_syncs"], indent=1), "```", ""]
-    for name in ("pipeline", "probes", "sdxl", "sana", "hours"):
-        if name in report:
-            shown = {k: v for k, v in report[name].items() if k not in ("traceback",)}
-            lines += [f"## {name}", "", "```json", json.dumps(shown, indent=1, default=str)[:6000],
-                      "```", ""]
-    return "\n".join(lines)
+                             f"{goal} | {peak} |")
+        syncs = sd["host_syncs"]
+        lines += ["", "Host synchronisations (CUDA runtime calls that wait):", "",
+                  "| side | per denoising step | added by the hooks per step | once per "
+                  "generation |", "|---|---|---|---|"]
+        for name, row in syncs.items():
+            if row.get("per_step") is None:
+                lines.append(f"| {name} | n/a ({row.get('note')}) | | |")
+                continue
+            lines.append(f"| {name} | {row['per_step']:.1f} | {row.get('added_per_step', '')} "
+                         f"| {row['per_generation']:.1f} |")
+    for family in ("sdxl", "sana"):
+        row = report.get(family, {})
+        if "record" in row:
+            lines += ["", f"## {row['model']}: {row['resolution']} px, {row['steps']} steps, "
+                      f"batch {row['batch']}, {row['parameters_billion']:.2f} B denoiser "
+                      f"parameters, {row['dtypes']}", "",
+                      "| side | images/s | peak GPU GiB |", "|---|---|---|"]
+            for side in ("record", "steer"):
+                peak = row[side]["peak_gib"]
+                lines.append(f"| {side} | {row[side]['images_per_s']:.3f} | "
+                             f"{'n/a (CPU)' if peak is None else f'{peak:.2f}'} |")
+            lines.append(f"\nRecorded {row['record']['recorded_layers']} layers, "
+                         f"{row['record']['recorded_mib']:.1f} MiB; e.g. "
+                         f"{next(iter(row['record']['shapes'].items()))}")
+    probes = report.get("probes", {})
+    if "speedup" in probes:
+        lines += ["", f"## Probes: {probes['probes']} probes, N = {probes['n']}", "",
+                  f"scikit-learn, joblib {probes['sklearn']['workers']} workers x 1 thread: "
+                  f"{probes['sklearn']['seconds']:.1f} s; logreg on {probes['logreg']['device']}: "
+                  f"{probes['logreg']['seconds']:.2f} s: **{probes['speedup']:.1f}x** (goal ≥ "
+                  f"{probes['goal']}); |Δ balanced accuracy| mean "
+                  f"{probes['delta_balanced_accuracy']['mean']:.4f}, max "
+                  f"{probes['delta_balanced_accuracy']['max']:.3f}"]
+    runs = report.get("pipeline", {})
+    if "error" not in runs and runs:
+        lines += ["", "## Runs", "",
+                  "| run | exit | seconds | denoiser calls | FD base → steered |",
+                  "|---|---|---|---|---|"]
+        for name, run in runs.items():
+            if isinstance(run, dict) and "exit_status" in run:
+                fd = run.get("fd", {})
+                shown = (f"{fd['base']:.3f} → {fd['steered']:.3f}" if fd.get("steered")
+                         is not None else "")
+                lines.append(f"| {name} | {run['exit_status']} | {run['seconds']:.1f} | "
+                             f"{run.get('denoiser_calls', '')} | {shown} |")
+    estimates = report.get("hours", {}).get("experiments", {})
+    if estimates:
+        lines += ["", "## Hours of generation at these rates", "",
+                  "| experiment | one run | make tables |", "|---|---|---|"]
+        lines += [f"| {name} | {row['run_hours']:.2f} h | {row['make_tables_hours']:.2f} h |"
+                  for name, row in estimates.items()]
+    return "\n".join(lines) + "\n"
 
 
 SECTIONS: dict[str, Callable[[Scale, Path], dict[str, Any]]] = {
@@ -421,10 +497,13 @@ SECTIONS: dict[str, Callable[[Scale, Path], dict[str, Any]]] = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m icm_lab.tools.rehearsal", description=__doc__.split("\n\n")[0],
+        epilog="On the GPU machine: bash icm_lab/tools/gpu_rehearsal.sh OUT [args] (docs/gpu.md)")
     parser.add_argument("out", type=Path, help="folder for rehearsal.json and rehearsal.md")
     parser.add_argument("--smoke", action="store_true", help="the tiny twins on the CPU")
-    parser.add_argument("--only", choices=sorted(SECTIONS), action="append")
+    parser.add_argument("--only", choices=sorted(SECTIONS), action="append",
+                        help="run this section only; repeat for several (hours always runs)")
     args = parser.parse_args(argv)
     scale = SMOKE if args.smoke else FULL
     args.out.mkdir(parents=True, exist_ok=True)
