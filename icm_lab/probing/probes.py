@@ -15,15 +15,17 @@ The objective is sklearn's: `C * sum(log-loss) + ||w||^2 / 2`, intercept not pen
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import groupby
 
 import numpy as np
 import torch
 
 from icm_lab.core.errors import ConfigError, choices_error
+from icm_lab.core.layers import LayerInfo
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +313,23 @@ def fit_probes(backend: str, x: torch.Tensor, y: torch.Tensor, n_classes: int,
     """Fit `x: [P, N, W]` (any float dtype; fitted in float32) to labels `y: [N]`."""
     check_options(backend, options)
     return BACKENDS[backend](x, y, n_classes, **options)
+
+
+def width_batches(layers: Sequence[LayerInfo], n: int, steps: int, batch_mb: float
+                  ) -> list[list[LayerInfo]]:
+    """Consecutive layers of equal width, as many per batch as fit in `batch_mb` of float32
+    probes (`n` samples x `steps`): what one solver call fits together."""
+    batches = []
+    for _, same_width in groupby(layers, key=lambda layer: layer.width):
+        batch: list[LayerInfo] = []
+        for layer in same_width:
+            size_mb = n * steps * layer.width * 4 / 2**20
+            if batch and (len(batch) + 1) * size_mb > batch_mb:
+                batches.append(batch)
+                batch = []
+            batch.append(layer)
+        batches.append(batch)
+    return batches
 
 
 class Probe:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ from icm_lab.io.store import ActivationStore
 from icm_lab.labeling.labelers import UNDECIDED
 from icm_lab.labeling.sampling import sample_plan
 from icm_lab.models.loading import resolve_device
-from icm_lab.probing.probes import Probe, fit_probes, scores
+from icm_lab.probing.probes import Probe, fit_probes, scores, width_batches
 from icm_lab.probing.probeset import ProbeSet
 from icm_lab.probing.splits import fold_indices
 from icm_lab.report.figures import explicit_swap_comparison, layer_ranking, separability_heatmaps
@@ -150,7 +149,8 @@ def fit_all_layers(probe: Probe, store: ActivationStore, decided: np.ndarray, y:
     device = resolve_device(probe.device)
     y_all = torch.as_tensor(y, device=device)
     fits, mean_diffs, tables = {}, {}, []
-    for batch in tqdm(_layer_batches(store, probe.batch_mb), desc="localize", unit="batch"):
+    batches = width_batches(store.layers, len(store), store.n_steps, probe.batch_mb)
+    for batch in tqdm(batches, desc="localize", unit="batch"):
         x = _probes(store, batch, decided, device)
         result = fold_scores(probe, x, y_all, folds, n_classes)
         # The folds only score. The saved probes and the steering directions (w / sigma and
@@ -201,21 +201,6 @@ def _probes(store: ActivationStore, batch: list[LayerInfo], rows: np.ndarray,
     backends convert chunk by chunk."""
     x = torch.from_numpy(np.stack([store[layer.name][rows] for layer in batch]))  # [L, n, S, W]
     return x.to(device).transpose(1, 2).reshape(-1, len(rows), batch[0].width)
-
-
-def _layer_batches(store: ActivationStore, batch_mb: float) -> list[list[LayerInfo]]:
-    """Consecutive layers of equal width, as many per batch as fit in `batch_mb` of float32."""
-    batches = []
-    for _, same_width in groupby(store.layers, key=lambda layer: layer.width):
-        batch: list[LayerInfo] = []
-        for layer in same_width:
-            size_mb = len(store) * store.n_steps * layer.width * 4 / 2**20
-            if batch and (len(batch) + 1) * size_mb > batch_mb:
-                batches.append(batch)
-                batch = []
-            batch.append(layer)
-        batches.append(batch)
-    return batches
 
 
 def report_selection(res: Resources, probes: ProbeSet,

@@ -44,7 +44,7 @@ from icm_lab.engine.generation import STATELESS_SCHEDULERS
 from icm_lab.engine.hooks import AddVector, DenoiserHooks
 from icm_lab.models.adapters import denoiser, layer_registry
 from icm_lab.models.loading import ModelSpec
-from icm_lab.probing.probes import fit_probes, scores
+from icm_lab.probing.probes import Probe, fit_probes, scores, width_batches
 from icm_lab.tools.bench import planted_activations, sklearn_layer, sync
 
 # The CUDA runtime calls that make the host wait for the device.
@@ -253,12 +253,16 @@ def run_icm_lab(root: Path, overrides: list[str]) -> dict[str, Any]:
 
 
 def probes(scale: Scale, out: Path) -> dict[str, Any]:
-    """logreg on the GPU (or the CPU) against scikit-learn over joblib on every core, one BLAS
-    thread per worker, on the SD1.5-shaped probes of `make bench`'s probe benchmark."""
+    """logreg on the GPU (or the CPU) against scikit-learn over joblib on every core (workers
+    started before the clock, one BLAS thread each), on the SD1.5-shaped probes of `make
+    bench`'s probe benchmark. logreg fits layers of one width together up to `probe.batch_mb`,
+    as localize does; scikit-learn one probe at a time, as it must."""
     registry, _ = build(compose_config(["model=sd15_random"]).model,
                         "model").registry_without_weights()
-    widths = [layer.width for layer in registry if layer.kind in ("attn1", "attn2")]
+    infos = [layer for layer in registry if layer.kind in ("attn1", "attn2")]
+    widths = [layer.width for layer in infos]
     layers, y = planted_activations(scale.probe_n, scale.probe_steps, widths)
+    by_name = dict(zip([layer.name for layer in infos], layers, strict=True))
     n = scale.probe_n
     train = torch.randperm(n, generator=torch.Generator().manual_seed(1))[: int(0.8 * n)]
     test = torch.tensor(sorted(set(range(n)) - set(train.tolist())))
@@ -273,20 +277,23 @@ def probes(scale: Scale, out: Path) -> dict[str, Any]:
     reference = np.concatenate([b for b, _ in reference])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fit_probes("logreg", layers[0][:64, :2].permute(1, 0, 2).to(device), y[:64].to(device), 2)
+    batch_mb = Probe("logreg").batch_mb
+    batches = width_batches(infos, n, scale.probe_steps, batch_mb)
     sync()
     start = time.perf_counter()
     balanced = []
-    for x in layers:
-        x = x.to(device)
-        fit = fit_probes("logreg", x[train].transpose(0, 1), y[train].to(device), 2)
-        logits = fit.logits(x[test].transpose(0, 1))
+    for batch in batches:  # layers of one width fitted together, as localize batches them
+        x = torch.cat([by_name[layer.name].to(device).transpose(0, 1) for layer in batch])
+        fit = fit_probes("logreg", x[:, train.to(device)], y[train].to(device), 2)
+        logits = fit.logits(x[:, test.to(device)])
         balanced.append(scores(logits, y[test].to(device), 2)["balanced_accuracy"].cpu())
     sync()
     logreg_s = time.perf_counter() - start
     delta = np.abs(torch.cat(balanced).numpy() - reference)
     return {"probes": len(widths) * scale.probe_steps, "n": n, "widths": sorted(set(widths)),
             "sklearn": {"workers": jobs, "threads_per_worker": 1, "seconds": sklearn_s},
-            "logreg": {"device": device, "seconds": logreg_s},
+            "logreg": {"device": device, "seconds": logreg_s, "solver_calls": len(batches),
+                       "batch_mb": batch_mb},
             "speedup": sklearn_s / logreg_s, "goal": GOALS["logreg_speedup"],
             "delta_balanced_accuracy": {"mean": float(delta.mean()), "max": float(delta.max())}}
 
