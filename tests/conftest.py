@@ -16,10 +16,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from wandb.proto import wandb_internal_pb2  # noqa: E402
 
-from icm_lab.app.validation import build  # noqa: E402
 from icm_lab.config.compose import compose_config  # noqa: E402
 from icm_lab.io.files import HOST  # noqa: E402
 from icm_lab.models.adapters import layer_registry  # noqa: E402
+from icm_lab.stages.components import build  # noqa: E402
 
 torch.set_num_threads(2)
 

@@ -11,7 +11,6 @@ import torch
 import torchvision
 from PIL import Image
 
-from icm_lab.app.validation import build
 from icm_lab.core.concepts import Concept
 from icm_lab.engine.generation import Generator, Prefix
 from icm_lab.engine.hooks import AddVector
@@ -19,6 +18,7 @@ from icm_lab.evaluation.metrics import ClipImageFeatures, InceptionFeatures, ext
 from icm_lab.labeling.labelers import FAIRFACE_LABELS, ClipLabeler, FairFaceLabeler
 from icm_lab.models.adapters import layer_registry
 from icm_lab.models.clip import load_clip
+from icm_lab.stages.components import build
 from tests.conftest import make_config
 
 CAME_BACK_FROM_META = "Cannot copy out of meta tensor"  # the call ran, then copied to the CPU

@@ -9,13 +9,13 @@ from open_clip.transformer import QuickGELU
 
 from icm_lab.app.cli import layers_command
 from icm_lab.app.runner import run
-from icm_lab.app.validation import build
 from icm_lab.core.errors import ConfigError, UserError
 from icm_lab.core.layers import UnknownLayerError
 from icm_lab.models.adapters import ADAPTERS, adapter_for, layer_registry, short_name
 from icm_lab.models.clip import builds_quick_gelu, check_available, load_clip, tag_quick_gelu
 from icm_lab.models.loading import ModelLoadError
 from icm_lab.models.tokenizers import clip_tokenizer
+from icm_lab.stages.components import build
 from tests.conftest import make_config
 from tests.real_configs import SDXL_UNET, config_folder
 

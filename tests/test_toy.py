@@ -7,12 +7,12 @@ import torch
 from safetensors.torch import load_file
 
 from icm_lab.app.runner import run
-from icm_lab.app.validation import build
 from icm_lab.config.compose import compose_config
 from icm_lab.core.concepts import Concept
 from icm_lab.engine.generation import Generator
 from icm_lab.engine.hooks import SwapContext
 from icm_lab.models.adapters import adapter_for
+from icm_lab.stages.components import build
 from icm_lab.stages.resources import Resources
 from icm_lab.tools.toy_quality import measure
 from icm_lab.tools.toy_train import Settings, train

@@ -30,12 +30,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from icm_lab.app.replay import replay
 from icm_lab.app.runner import objective, run
-from icm_lab.app.validation import build, validate
+from icm_lab.app.validation import validate
 from icm_lab.config.compose import CONFIG_DIR, SWEEPS_DIR, compose_config
 from icm_lab.config.schema import choices_of
 from icm_lab.core.errors import UserError, choices_error
 from icm_lab.evaluation.metrics import FEATURES, save_reference_statistics
 from icm_lab.models.adapters import layer_registry
+from icm_lab.stages.components import build
 from icm_lab.stages.evaluate import image_files
 
 GUIDE = [  # what a run leaves to look at, relative to its directory

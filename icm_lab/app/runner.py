@@ -17,16 +17,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from icm_lab.app.validation import validate
-from icm_lab.config.schema import STAGES, section
+from icm_lab.config.schema import STAGES
 from icm_lab.core.errors import UserError
 from icm_lab.core.selection import LayerSelection, step_window
 from icm_lab.io.files import write_text
 from icm_lab.stages.causal import causal, select_by_effect
 from icm_lab.stages.collect import collect
+from icm_lab.stages.components import Components
 from icm_lab.stages.evaluate import evaluate
 from icm_lab.stages.localize import Localization, load_localization, localize
 from icm_lab.stages.resources import Resources
@@ -39,12 +39,12 @@ log = logging.getLogger(__name__)
 class Run:
     """One run's stage graph over one set of resources."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path):
+    def __init__(self, cfg: DictConfig, run_dir: Path, components: Components | None = None):
         self.cfg = cfg
-        self.res = Resources(cfg, run_dir)
-        self.method: SteeringMethod = instantiate(cfg.method)
-        layers = section(cfg, "layers")
-        steer_cfg = section(cfg, "steer")
+        self.res = Resources(cfg, run_dir, components=components)
+        self.parts = self.res.components
+        self.method: SteeringMethod = self.parts.method
+        layers, steer_cfg = self.parts.sections["layers"], self.parts.sections["steer"]
         self.selection = LayerSelection(
             layers.select, layers.kind, layers.k,
             step_window(steer_cfg.start, steer_cfg.end, self.res.model.steps), layers.rank_by)
@@ -85,7 +85,7 @@ class Run:
         return self.results[stage]
 
     def _collect(self):
-        store = collect(self.res, section(self.cfg, "collect"), self.cfg.seed)
+        store = collect(self.res, self.parts.sections["collect"], self.cfg.seed)
         downstream = [s for s in self.cfg.stages if s != "collect"]
         if store is None and downstream:
             raise UserError(f"collect is sharded and samples are still missing, so {downstream} "
@@ -93,7 +93,7 @@ class Run:
         return store
 
     def _localize(self):
-        return localize(self.res, section(self.cfg, "localize"), instantiate(self.cfg.probe),
+        return localize(self.res, self.parts.sections["localize"], self.parts.probe,
                         self.results["collect"], self._by_separability(), self.cfg.seed)
 
     def _by_separability(self) -> LayerSelection:
@@ -112,7 +112,7 @@ class Run:
         return self._external
 
     def _causal(self):
-        return causal(self.res, section(self.cfg, "causal"), section(self.cfg, "steer"),
+        return causal(self.res, self.parts.sections["causal"], self.parts.sections["steer"],
                       self._localization().probes)
 
     def _steer(self):
@@ -122,11 +122,11 @@ class Run:
             if self.selection.needs_causal_map:
                 localization = select_by_effect(self.res, localization, self.results["causal"],
                                                  self.selection)
-        return steer(self.res, section(self.cfg, "steer"), self.method,
+        return steer(self.res, self.parts.sections["steer"], self.method,
                      self.cfg.eval.n_images_per_prompt, self.cfg.seed, localization)
 
     def _evaluate(self):
-        return evaluate(self.res, section(self.cfg, "eval"), self.results["steer"],
+        return evaluate(self.res, self.parts.sections["eval"], self.results["steer"],
                         self.cfg.seed, self.denoiser_calls)
 
 
@@ -151,9 +151,9 @@ def objective(cfg: DictConfig, metrics: dict | None) -> float | None:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Check the config, then run the configured stages in order; their results by name."""
-    validate(cfg)
+    components = validate(cfg)  # checked once per process, built once per run
     stages = [s for s in STAGES if s in cfg.stages]
-    pipeline = Run(cfg, run_dir)
+    pipeline = Run(cfg, run_dir, components)
     write_text(pipeline.res.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     tracker = pipeline.res.tracker  # started first, so a job that fails early still has its run
     exit_code = 1

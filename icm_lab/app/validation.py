@@ -1,10 +1,11 @@
 """The validation pass: every user-facing value is checked when the config is composed, before
 a model is loaded or anything is written, so a typo costs seconds, not a collection.
 
-Plain sections become their schema dataclasses (ranges, allowed values); components are
-instantiated (`model`, `method`, `probe`) or their options bound to their class (`labeler`,
-`clip`, `logger`); layer names are checked against the model's registry, read from the
-denoiser's config without loading weights.
+Plain sections become their schema dataclasses (ranges, allowed values); components are built
+once (`stages.components.build_components`: `model`, `method`, `probe` instantiated, `labeler`,
+`clip`, `logger` as partials whose options are bound to their class here); layer names are
+checked against the model's registry, read from the denoiser's config without loading weights.
+`validate` returns the components, and the run uses them.
 """
 
 from __future__ import annotations
@@ -16,30 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import open_clip
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from icm_lab.config.schema import SECTIONS, STAGES, section
+from icm_lab.config.schema import STAGES
 from icm_lab.core.concepts import Concept
 from icm_lab.core.errors import ConfigError, ModelUnavailable, UserError, choices_error
 from icm_lab.core.layers import LayerRegistry
 from icm_lab.evaluation.metrics import reference_statistics
 from icm_lab.io.artefacts import VERIFY_CHOICES
 from icm_lab.models.clip import check_available as check_clip_weights
-from icm_lab.models.loading import ModelSpec
 from icm_lab.probing.probeset import ProbeSet
+from icm_lab.stages.components import Components, build_components
 from icm_lab.steering.methods import SteeringMethod
-
-
-def build(node: DictConfig, key: str) -> Any:
-    """`instantiate(node)`, with a refusal by the target's own checks passed on as is."""
-    try:
-        return instantiate(node)
-    except InstantiationException as error:
-        if isinstance(error.__cause__, UserError):
-            raise error.__cause__ from None
-        raise ConfigError(f"{key}: {str(error).splitlines()[-1]}") from error
 
 
 def _bind(make: partial, key: str, **supplied: Any) -> None:
@@ -50,8 +40,24 @@ def _bind(make: partial, key: str, **supplied: Any) -> None:
         raise ConfigError(f"{key}: {error} (options given: {sorted(make.keywords)})") from None
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise a ConfigError (one line: key, value, valid choices) for the first bad value."""
+# Configs this process has validated, by their resolved text: the pre-check before Hydra
+# starts and the run it then starts check one config once.
+_VALIDATED: dict[str, Components] = {}
+
+
+def validate(cfg: DictConfig) -> Components:
+    """The config's components, built once (`build_components`) and checked; a ConfigError
+    (one line: key, value, valid choices) for the first bad value."""
+    try:
+        key = OmegaConf.to_yaml(cfg, resolve=True)
+    except OmegaConfBaseException:  # `${hydra:...}` outside a Hydra job: checked, not kept
+        return _checked(cfg)
+    if key not in _VALIDATED:
+        _VALIDATED[key] = _checked(cfg)
+    return _VALIDATED[key]
+
+
+def _checked(cfg: DictConfig) -> Components:
     unknown = [stage for stage in cfg.stages if stage not in STAGES]
     if unknown or not cfg.stages:
         raise choices_error("stages", list(cfg.stages), STAGES)
@@ -59,20 +65,18 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"seed={cfg.seed!r} must be an integer in [0, 2**31)")  # numpy's range
     if cfg.paths.get("verify", "sizes") not in VERIFY_CHOICES:
         raise choices_error("paths.verify", cfg.paths.verify, VERIFY_CHOICES)
-    sections = {name: section(cfg, name) for name in SECTIONS}
-    model: ModelSpec = build(cfg.model, "model")
-    method: SteeringMethod = build(cfg.method, "method")
-    build(cfg.probe, "probe")
-    concept = Concept.from_config(cfg.concept)
+    parts = build_components(cfg)
+    model, concept, sections = parts.model, parts.concept, parts.sections
     model.check_concept(concept.name)
     model.check_available()  # before the CLIP's: the model is what a new user lacks first
-    _check_labeler(build(cfg.labeler, "labeler"), concept)
-    _check_clip(cfg.clip, build(cfg.clip, "clip"))
-    _bind(build(cfg.logger, "logger"), "logger", run_dir=None, config={}, name="", group=None)
+    _check_labeler(parts.labeler, concept)
+    _check_clip(cfg.clip, parts.clip)
+    _bind(parts.logger, "logger", run_dir=None, config={}, name="", group=None)
     _check_paths(sections)
     found = model.registry_without_weights()
     if found is not None:
-        _check_layers(*found, sections, method)
+        _check_layers(*found, sections, parts.method)
+    return parts
 
 
 def _check_labeler(make: partial, concept: Concept) -> None:

@@ -21,7 +21,6 @@ import torch
 from diffusers import DiffusionPipeline
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from icm_lab.core.concepts import Concept
@@ -40,18 +39,22 @@ from icm_lab.labeling.labelers import Labeler
 from icm_lab.models.adapters import ModelAdapter, adapter_for, layer_registry
 from icm_lab.models.clip import Clip
 from icm_lab.models.loading import ModelSpec, resolve_device
+from icm_lab.stages.components import Components, build_components
 
 log = logging.getLogger(__name__)
 
 
 class Resources:
     def __init__(self, cfg: DictConfig, run_dir: Path,
-                 pipeline: DiffusionPipeline | None = None):
-        """`pipeline`: one already loaded for `model=` (tests, notebooks), used as is."""
+                 pipeline: DiffusionPipeline | None = None,
+                 components: Components | None = None):
+        """`pipeline`: one already loaded for `model=` (tests, notebooks), used as is;
+        `components`: the run's, as validation built them (else built here)."""
         self._cfg = cfg
+        self.components = components or build_components(cfg)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.model: ModelSpec = instantiate(cfg.model)
+        self.model: ModelSpec = self.components.model
         self.artefacts = Path(cfg.paths.artefacts)
         self.verify_hashes = cfg.paths.get("verify", "sizes") == "hashes"  # validated before
         if pipeline is not None:
@@ -59,7 +62,7 @@ class Resources:
 
     @cached_property
     def concept(self) -> Concept:
-        return Concept.from_config(self._cfg.concept)
+        return self.components.concept
 
     @cached_property
     def pipeline(self) -> DiffusionPipeline:
@@ -101,11 +104,11 @@ class Resources:
     def clip(self) -> Clip:
         clip = self._cfg.clip
         log.info("loading CLIP %s (%s)", clip.model, clip.pretrained or "random weights")
-        return instantiate(clip)()
+        return self.components.clip()
 
     @cached_property
     def labeler(self) -> Labeler:
-        make = instantiate(self._cfg.labeler)
+        make = self.components.labeler
         extra = {"clip": self.clip} if make.func.uses_clip else {}
         return make(concept=self.concept, **extra)
 
@@ -113,8 +116,8 @@ class Resources:
     def tracker(self) -> Tracker:
         name, group = self._tracking_name()
         config = OmegaConf.to_container(self._cfg, resolve=True)
-        return instantiate(self._cfg.logger)(run_dir=self.run_dir, config=config, name=name,
-                                             group=group)
+        return self.components.logger(run_dir=self.run_dir, config=config, name=name,
+                                      group=group)
 
     def _tracking_name(self) -> tuple[str, str | None]:
         """In a multirun, one run per job named by its number, grouped by the sweep directory."""

@@ -32,7 +32,6 @@ from joblib import Parallel, delayed
 from omegaconf import OmegaConf
 
 from icm_lab.app.runner import run
-from icm_lab.app.validation import build
 from icm_lab.config.compose import CONFIG_DIR, compose_config
 from icm_lab.core.selection import step_window
 from icm_lab.engine import hooks as hooks_module
@@ -49,6 +48,7 @@ from icm_lab.probing.probes import (
     standardised_chunks,
     targets,
 )
+from icm_lab.stages.components import build
 
 TARGETS = {"record": {"cpu": 0.10, "cuda": 0.05}, "steer": {"cpu": 0.03, "cuda": 0.02}}
 
@@ -409,7 +409,7 @@ import sys, time
 from icm_lab.config.compose import compose_config
 from icm_lab.engine.generation import Generator
 from icm_lab.models.adapters import layer_registry
-from icm_lab.app.validation import build
+from icm_lab.stages.components import build
 spec = build(compose_config(["model=toy"]).model, "model")
 pipe = spec.load()
 generator = Generator(pipe, layer_registry(pipe, spec.resolution), spec)

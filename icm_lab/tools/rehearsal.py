@@ -36,7 +36,6 @@ from diffusers import DiffusionPipeline
 from joblib import Parallel, delayed
 from omegaconf import OmegaConf
 
-from icm_lab.app.validation import build
 from icm_lab.config.compose import SWEEPS_DIR, compose_config
 from icm_lab.core.layers import LayerRegistry
 from icm_lab.core.selection import step_window
@@ -45,6 +44,7 @@ from icm_lab.engine.hooks import AddVector, DenoiserHooks
 from icm_lab.models.adapters import denoiser, layer_registry
 from icm_lab.models.loading import ModelSpec
 from icm_lab.probing.probes import Probe, fit_probes, scores, width_batches
+from icm_lab.stages.components import build
 from icm_lab.tools.bench import planted_activations, sklearn_layer, sync
 
 # The CUDA runtime calls that make the host wait for the device.
