@@ -134,3 +134,15 @@ def test_no_test_code_in_the_package():
     for path in PACKAGE.rglob("*.py"):
         text = path.read_text()
         assert "unittest" not in text and "ICM_TEST_" not in text, path
+
+
+def test_every_stage_is_registered_by_its_own_module():
+    """The runner runs the graph from the registry; each stage module registers its stage."""
+    import icm_lab.app.runner  # noqa: F401  (imports the stage modules, which register)
+    from icm_lab.config.schema import SECTIONS, STAGES
+    from icm_lab.stages.registry import STAGES as REGISTRY
+
+    assert set(REGISTRY) == set(STAGES)
+    for name, stage in REGISTRY.items():
+        assert stage.run.__module__ == f"icm_lab.stages.{name}", name
+        assert stage.section is None or stage.section in SECTIONS, name

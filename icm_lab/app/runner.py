@@ -3,17 +3,16 @@
     collect --> localize --> steer --> evaluate
                    └─> causal ─┘   (causal: asked for, or needed by layers.rank_by=causal)
 
-A stage is a function of the shared resources (`Resources`), its own config section (a checked
-dataclass from `schema.py`) and the results of the stages it needs; it returns a typed result.
-No stage reads the config: this module hands each its section. A stage that is asked for runs
+Each stage module registers its `Stage` (`stages.registry`): its name, section, what it needs
+and its result type; this module runs the graph from the registry. A stage is a function of
+the shared resources (`Resources`), its own config section (a checked dataclass from
+`config/schema.py`) and the results of the stages it needs. A stage that is asked for runs
 its inputs first; each reuses its artefact on disk when one with the same fingerprint exists.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +20,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from icm_lab.app.validation import validate
 from icm_lab.config.schema import STAGES
-from icm_lab.core.errors import UserError
 from icm_lab.core.selection import LayerSelection, step_window
 from icm_lab.io.files import write_text
-from icm_lab.stages.causal import causal, select_by_effect
-from icm_lab.stages.collect import collect
+from icm_lab.stages import causal, collect, evaluate, localize, steer  # noqa: F401 (register)
 from icm_lab.stages.components import Components
-from icm_lab.stages.evaluate import evaluate
-from icm_lab.stages.localize import Localization, load_localization, localize
+from icm_lab.stages.registry import STAGES as STAGE_REGISTRY
 from icm_lab.stages.resources import Resources
-from icm_lab.stages.steer import steer
 from icm_lab.steering.methods import SteeringMethod
 
 log = logging.getLogger(__name__)
 
 
 class Run:
-    """One run's stage graph over one set of resources."""
+    """One run's stage graph over one set of resources (a `stages.registry.RunState`)."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, components: Components | None = None):
         self.cfg = cfg
@@ -48,29 +43,13 @@ class Run:
         self.selection = LayerSelection(
             layers.select, layers.kind, layers.k,
             step_window(steer_cfg.start, steer_cfg.end, self.res.model.steps), layers.rank_by)
-        self._external: Localization | None = None  # steer.probes, loaded once
+        self.external = None  # steer.probes: another run's localization, loaded once
         self.results: dict[str, Any] = {}
         self.denoiser_calls: dict[str, int] = {}  # per stage, this run's computing calls
-        self._stages: dict[str, Callable[[], Any]] = {
-            "collect": self._collect, "localize": self._localize, "causal": self._causal,
-            "steer": self._steer, "evaluate": self._evaluate,
-        }
 
     def needs(self, stage: str) -> tuple[str, ...]:
         """The stages whose results `stage` takes."""
-        external = self.cfg.steer.probes  # another run's probe set replaces localize's
-        probes = () if external else ("localize",)
-        if stage == "localize":
-            return ("collect",)
-        if stage == "causal":
-            return probes
-        if stage == "steer":
-            if not self.method.uses_probes:
-                return ()
-            return probes + (("causal",) if self.selection.needs_causal_map else ())
-        if stage == "evaluate":
-            return ("steer",)
-        return ()
+        return STAGE_REGISTRY[stage].needs(self)
 
     def result(self, stage: str) -> Any:
         """The stage's result, running it (after its inputs) unless this run already has it."""
@@ -79,55 +58,10 @@ class Run:
                 self.result(upstream)
             log.info("stage %s", stage)
             before = self.res.denoiser_calls()
-            self.results[stage] = self._stages[stage]()
+            self.results[stage] = STAGE_REGISTRY[stage].run(self)
             self.denoiser_calls[stage] = self.res.denoiser_calls() - before
             log.info("stage %s: %d denoiser calls", stage, self.denoiser_calls[stage])
         return self.results[stage]
-
-    def _collect(self):
-        store = collect(self.res, self.parts.sections["collect"], self.cfg.seed)
-        downstream = [s for s in self.cfg.stages if s != "collect"]
-        if store is None and downstream:
-            raise UserError(f"collect is sharded and samples are still missing, so {downstream} "
-                            "cannot run; use stages=[collect] for shard jobs")
-        return store
-
-    def _localize(self):
-        return localize(self.res, self.parts.sections["localize"], self.parts.probe,
-                        self.results["collect"], self._by_separability(), self.cfg.seed)
-
-    def _by_separability(self) -> LayerSelection:
-        """The selection that localize reports: rank_by=causal re-selects once the causal map
-        exists (`select_by_effect`)."""
-        return replace(self.selection, rank_by="separability")
-
-    def _localization(self) -> Localization:
-        """The probes steering reads: this run's, or another run's (`steer.probes`)."""
-        external = self.cfg.steer.probes
-        if not external:
-            return self.results["localize"]
-        if self._external is None:
-            self._external = load_localization(self.res, Path(external),
-                                               self._by_separability())
-        return self._external
-
-    def _causal(self):
-        return causal(self.res, self.parts.sections["causal"], self.parts.sections["steer"],
-                      self._localization().probes)
-
-    def _steer(self):
-        localization = None
-        if self.method.uses_probes:
-            localization = self._localization()
-            if self.selection.needs_causal_map:
-                localization = select_by_effect(self.res, localization, self.results["causal"],
-                                                 self.selection)
-        return steer(self.res, self.parts.sections["steer"], self.method,
-                     self.cfg.eval.n_images_per_prompt, self.cfg.seed, localization)
-
-    def _evaluate(self):
-        return evaluate(self.res, self.parts.sections["eval"], self.results["steer"],
-                        self.cfg.seed, self.denoiser_calls)
 
 
 # A trial under the CLIP-I floor scores this plus its shortfall: behind every feasible trial,

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from icm_lab.config.schema import CausalConfig, SteerConfig
 from icm_lab.core.errors import UserError
 from icm_lab.core.layers import LAYER_KINDS, LayerInfo
-from icm_lab.core.selection import ALL_CLASSES, STEERING, LayerSelection, rank_effects, rank_layers
+from icm_lab.core.selection import ALL_CLASSES, STEERING, rank_effects, rank_layers
 from icm_lab.core.selection import step_window as fraction_window
 from icm_lab.engine.generation import PrefixRows
 from icm_lab.engine.hooks import AddVector
@@ -45,8 +45,9 @@ from icm_lab.io.files import write_json, write_table
 from icm_lab.labeling.labelers import UNDECIDED, Labels
 from icm_lab.labeling.sampling import sample_plan
 from icm_lab.probing.probeset import ProbeSet
-from icm_lab.report.figures import causal_heatmaps, layer_ranking, separability_vs_effect
-from icm_lab.stages.localize import Localization
+from icm_lab.report.figures import causal_heatmaps, separability_vs_effect
+from icm_lab.stages.localize import Localization, localization_of, probe_stages
+from icm_lab.stages.registry import RunState, Stage, register
 from icm_lab.stages.resources import Resources
 from icm_lab.stages.steer import make_plan
 from icm_lab.steering.methods import Icm
@@ -347,21 +348,12 @@ def draw(res: Resources, table: pd.DataFrame, probes: ProbeSet, windows: dict[st
                                  f"changed (steps {steps.start}-{steps.stop - 1})")
 
 
-def select_by_effect(res: Resources, localization: Localization, causal_map: CausalMap,
-                     selection: LayerSelection) -> Localization:
-    """`layers=auto` with `layers.rank_by=causal`: the localization with the top-k layers by
-    causal effect; `<run>/causal_ranking.csv` and `selected_layers.json` say so."""
-    selected = selection.resolve(res.registry, localization.probes.scores, causal_map.table)
-    names = [layer.name for layer in selected]
-    write_table(rank_effects(causal_map.table), res.run_dir / "causal_ranking.csv")
-    window = causal_map.meta["windows"][STEERING]  # where the effects were measured
-    write_json(res.run_dir / "selected_layers.json",
-               {"layers": names, "rank_by": "causal", "causal_map": str(causal_map.root),
-                "window": window})
-    # Localize drew the ranking with its own picks; outline the layers actually steered.
-    layer_ranking(localization.ranking, res.run_dir / "layer_ranking.png",
-                  chance=1 / len(localization.probes.classes), window=selection.window,
-                  selected=names, title=f"{res.model.name}, {res.concept.name}: layers ranked "
-                  "by separability; outlined: the top by causal effect (steered)")
-    log.info("causal: layers.rank_by=causal selects %s", names)
-    return replace(localization, selected=selected)
+# -- in the run's stage graph ----------------------------------------------------------------
+
+
+def run_causal(run: RunState) -> CausalMap:
+    return causal(run.res, run.parts.sections["causal"], run.parts.sections["steer"],
+                  localization_of(run).probes)
+
+
+register(Stage("causal", section="causal", result=CausalMap, needs=probe_stages, run=run_causal))

@@ -10,9 +10,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from icm_lab.config.schema import CollectConfig
+from icm_lab.core.errors import UserError
 from icm_lab.io.artefacts import Provenance, fingerprint
 from icm_lab.io.store import ActivationStore, StoreWriter, tidy
 from icm_lab.labeling.sampling import labelled_table, sample_plan, save_images
+from icm_lab.stages.registry import RunState, Stage, register
 from icm_lab.stages.resources import Resources
 
 log = logging.getLogger(__name__)
@@ -101,3 +103,16 @@ class ShardedCollection:
             paths = save_images(images, rows["index"], self.root / "images", self.root)
             self.writer.write_batch(start, activations,
                                     labelled_table(rows, self.res.labeler(images), paths))
+
+
+def run_collect(run: RunState) -> ActivationStore | None:
+    store = collect(run.res, run.parts.sections["collect"], run.cfg.seed)
+    downstream = [s for s in run.cfg.stages if s != "collect"]
+    if store is None and downstream:
+        raise UserError(f"collect is sharded and samples are still missing, so {downstream} "
+                        "cannot run; use stages=[collect] for shard jobs")
+    return store
+
+
+register(Stage("collect", section="collect", result=ActivationStore, needs=lambda run: (),
+               run=run_collect))

@@ -44,6 +44,7 @@ from icm_lab.evaluation.metrics import (
 from icm_lab.io.files import write_json, write_table
 from icm_lab.models.clip import Clip, open_image
 from icm_lab.report.figures import class_distribution
+from icm_lab.stages.registry import RunState, Stage, register
 from icm_lab.stages.resources import Resources
 from icm_lab.stages.steer import SteerResult
 from icm_lab.steering.plans import SteerPlan
@@ -182,3 +183,15 @@ def image_files(folder: str | Path, name: str = "the folder") -> list[Path]:
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+# -- in the run's stage graph ----------------------------------------------------------------
+
+
+def run_evaluate(run: RunState) -> dict[str, Any]:
+    return evaluate(run.res, run.parts.sections["eval"], run.results["steer"], run.cfg.seed,
+                    run.denoiser_calls)
+
+
+register(Stage("evaluate", section="eval", result=dict, needs=lambda run: ("steer",),
+               run=run_evaluate))

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from icm_lab.config.schema import LocalizeConfig
 from icm_lab.core.errors import UserError
 from icm_lab.core.layers import LayerInfo
-from icm_lab.core.selection import LayerSelection, rank_layers
+from icm_lab.core.selection import STEERING, LayerSelection, rank_effects, rank_layers
 from icm_lab.engine.hooks import SwapContext
 from icm_lab.io.artefacts import Provenance, fingerprint
 from icm_lab.io.files import write_json, write_table
@@ -37,6 +38,7 @@ from icm_lab.probing.probes import Probe, fit_probes, scores, width_batches
 from icm_lab.probing.probeset import ProbeSet
 from icm_lab.probing.splits import fold_indices
 from icm_lab.report.figures import explicit_swap_comparison, layer_ranking, separability_heatmaps
+from icm_lab.stages.registry import RunState, Stage, register
 from icm_lab.stages.resources import Resources
 
 log = logging.getLogger(__name__)
@@ -263,3 +265,58 @@ def _label_counts(res: Resources, plan: pd.DataFrame, swaps: list[SwapContext]) 
     labels = res.labeler(images).labels
     return pd.Series(labels).value_counts().reindex([*res.concept.classes, UNDECIDED],
                                                     fill_value=0)
+
+
+def select_by_effect(res: Resources, localization: Localization, causal_map: Any,
+                     selection: LayerSelection) -> Localization:
+    """`layers=auto` with `layers.rank_by=causal`: the localization with the top-k layers by
+    causal effect (`causal_map`: the causal stage's `CausalMap`); `<run>/causal_ranking.csv`
+    and `selected_layers.json` say so."""
+    selected = selection.resolve(res.registry, localization.probes.scores, causal_map.table)
+    names = [layer.name for layer in selected]
+    write_table(rank_effects(causal_map.table), res.run_dir / "causal_ranking.csv")
+    window = causal_map.meta["windows"][STEERING]  # where the effects were measured
+    write_json(res.run_dir / "selected_layers.json",
+               {"layers": names, "rank_by": "causal", "causal_map": str(causal_map.root),
+                "window": window})
+    # Localize drew the ranking with its own picks; outline the layers actually steered.
+    layer_ranking(localization.ranking, res.run_dir / "layer_ranking.png",
+                  chance=1 / len(localization.probes.classes), window=selection.window,
+                  selected=names, title=f"{res.model.name}, {res.concept.name}: layers ranked "
+                  "by separability; outlined: the top by causal effect (steered)")
+    log.info("causal: layers.rank_by=causal selects %s", names)
+    return replace(localization, selected=selected)
+
+
+# -- in the run's stage graph ----------------------------------------------------------------
+
+
+def reported_selection(run: RunState) -> LayerSelection:
+    """The selection localize reports: rank_by=causal re-selects once the causal map exists
+    (`select_by_effect`)."""
+    return replace(run.selection, rank_by="separability")
+
+
+def probe_stages(run: RunState) -> tuple[str, ...]:
+    """What a stage that reads probes needs: localize, unless another run's probe set
+    (`steer.probes`) replaces it."""
+    return () if run.cfg.steer.probes else ("localize",)
+
+
+def localization_of(run: RunState) -> Localization:
+    """The probes steering reads: this run's, or another run's (`steer.probes`, loaded once)."""
+    external = run.cfg.steer.probes
+    if not external:
+        return run.results["localize"]
+    if run.external is None:
+        run.external = load_localization(run.res, Path(external), reported_selection(run))
+    return run.external
+
+
+def run_localize(run: RunState) -> Localization:
+    return localize(run.res, run.parts.sections["localize"], run.parts.probe,
+                    run.results["collect"], reported_selection(run), run.cfg.seed)
+
+
+register(Stage("localize", section="localize", result=Localization,
+               needs=lambda run: ("collect",), run=run_localize))

@@ -28,7 +28,13 @@ from icm_lab.io.files import write_table
 from icm_lab.labeling.labelers import UNDECIDED
 from icm_lab.labeling.sampling import eval_plan, labelled_table, save_images
 from icm_lab.report.figures import before_after_grid
-from icm_lab.stages.localize import Localization
+from icm_lab.stages.localize import (
+    Localization,
+    localization_of,
+    probe_stages,
+    select_by_effect,
+)
+from icm_lab.stages.registry import RunState, Stage, register
 from icm_lab.stages.resources import Resources
 from icm_lab.steering.methods import SteeringMethod
 from icm_lab.steering.plans import UNTOUCHED, SteerPlan, assign_targets
@@ -200,3 +206,27 @@ def shown_of(shown: int, total: int) -> str:
     """Which of a prompt's images a grid shows."""
     return f"all {total} images" if shown == total else \
         f"the first {shown} of {total} images, in seed order"
+
+
+# -- in the run's stage graph ----------------------------------------------------------------
+
+
+def steer_needs(run: RunState) -> tuple[str, ...]:
+    """Probes for a method that reads them, and the causal map when it ranks the layers."""
+    if not run.method.uses_probes:
+        return ()
+    return probe_stages(run) + (("causal",) if run.selection.needs_causal_map else ())
+
+
+def run_steer(run: RunState) -> SteerResult:
+    localization = None
+    if run.method.uses_probes:
+        localization = localization_of(run)
+        if run.selection.needs_causal_map:
+            localization = select_by_effect(run.res, localization, run.results["causal"],
+                                            run.selection)
+    return steer(run.res, run.parts.sections["steer"], run.method,
+                 run.parts.sections["eval"].n_images_per_prompt, run.cfg.seed, localization)
+
+
+register(Stage("steer", section="steer", result=SteerResult, needs=steer_needs, run=run_steer))
