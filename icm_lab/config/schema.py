@@ -88,6 +88,15 @@ class Metric(StrEnum):
     kid = "kid"
 
 
+def _window(key: str, start: float, end: float | None) -> None:
+    """A steering window `[start, end)` in fractions of the trajectory (end None: 1.0)."""
+    _fraction(f"{key}.start", start, 0.0, 1.0)
+    if end is not None:
+        _fraction(f"{key}.end", end, 0.0, 1.0)
+    if start >= (1.0 if end is None else end):
+        raise ConfigError(f"{key}.start={start} must be below {key}.end={end} (null: 1.0)")
+
+
 def _choice(key: str, value: str, valid: type[StrEnum]) -> StrEnum:
     """`value` as a member of `valid`, for sections built from plain dicts (composed configs
     are checked by OmegaConf already)."""
@@ -166,12 +175,7 @@ class CausalConfig:
         _count("causal.n_images", self.n_images)
         if not math.isfinite(self.alpha):
             raise ConfigError(f"causal.alpha={self.alpha!r} must be a finite number")
-        _fraction("causal.start", self.start, 0.0, 1.0)
-        if self.end is not None:
-            _fraction("causal.end", self.end, 0.0, 1.0)
-        if self.start >= (1.0 if self.end is None else self.end):
-            raise ConfigError(f"causal.start={self.start} must be below causal.end="
-                              f"{self.end} (null: 1.0)")
+        _window("causal", self.start, self.end)
         _count("causal.seed", self.seed, minimum=0)
 
 
@@ -196,12 +200,7 @@ class SteerConfig:
     def __post_init__(self) -> None:
         if not math.isfinite(self.alpha):
             raise ConfigError(f"steer.alpha={self.alpha!r} must be a finite number")
-        _fraction("steer.start", self.start, 0.0, 1.0)
-        if self.end is not None:
-            _fraction("steer.end", self.end, 0.0, 1.0)
-        if self.start >= (1.0 if self.end is None else self.end):
-            raise ConfigError(f"steer.start={self.start} must be below steer.end="
-                              f"{self.end} (null: 1.0)")
+        _window("steer", self.start, self.end)
         self.halves = _choice("steer.halves", self.halves, Halves)
         self.direction = _choice("steer.direction", self.direction, Direction)
         self.units = _choice("steer.units", self.units, Units)

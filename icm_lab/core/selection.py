@@ -21,9 +21,9 @@ ALL_CLASSES = "mean"  # the causal map's rows averaged over classes
 def step_window(start: float, end: float | None, n_steps: int) -> range:
     """Steps `[start * n, end * n)` from fractions of the denoising trajectory."""
     stop = 1.0 if end is None else end
-    for name, value in (("steer.start", start), ("steer.end", stop)):
+    for name, value in (("start", start), ("end", stop)):  # the schema names the section's key
         if not (isinstance(value, int | float) and math.isfinite(value) and 0 <= value <= 1):
-            raise ConfigError(f"{name}={value!r} must be a fraction in [0, 1]")
+            raise ConfigError(f"the window's {name}={value!r} must be a fraction in [0, 1]")
     window = range(math.floor(start * n_steps), math.ceil(stop * n_steps))
     if not window:
         raise ConfigError(f"the steering window [{start}, {stop}) holds no step of {n_steps}")

@@ -109,26 +109,35 @@ def tiny_sd15(seed: int = 0) -> StableDiffusionPipeline:
     return _sd15_pipeline(_vae(), _clip_text(32), unet)
 
 
+def _sdxl_unet(sample_size: int, channels: tuple[int, ...], depths: tuple[int, ...],
+               head_dims: tuple[int, ...], time_dim: int, class_dim: int, cross_dim: int,
+               **options: int) -> UNet2DConditionModel:
+    """SDXL's UNet layout: a plain first down block, then cross-attention blocks with `depths`
+    transformer layers, `text_time` conditioning."""
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        block_out_channels=channels,
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=depths,
+        attention_head_dim=head_dims,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=class_dim,
+        cross_attention_dim=cross_dim,
+        **options,
+    )
+
+
 def tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
     """SDXL's layout: plain first down block, then cross-attention blocks with several
     transformer layers, `text_time` conditioning and two CLIP text encoders."""
     torch.manual_seed(seed)
     hidden_1, hidden_2, time_dim = 32, 32, 8
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 2),
-        attention_head_dim=(2, 4, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=6 * time_dim + hidden_2,
-        cross_attention_dim=hidden_1 + hidden_2,
-        norm_num_groups=8,
-    )
+    unet = _sdxl_unet(8, (16, 32, 32), (1, 2, 2), (2, 4, 4), time_dim,
+                      6 * time_dim + hidden_2, hidden_1 + hidden_2, norm_num_groups=8)
     return StableDiffusionXLPipeline(
         vae=_vae(),
         text_encoder=_clip_text(hidden_1),
@@ -230,20 +239,7 @@ def sdxl_random(seed: int = 0) -> StableDiffusionXLPipeline:
     """SDXL base at full size (stabilityai/stable-diffusion-xl-base-1.0's configs) with random
     weights: 2.6 B UNet parameters, CLIP ViT-L and OpenCLIP bigG text encoders."""
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=128,
-        block_out_channels=(320, 640, 1280),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(5, 10, 20),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-        cross_attention_dim=2048,
-    )
+    unet = _sdxl_unet(128, (320, 640, 1280), (1, 2, 10), (5, 10, 20), 256, 2816, 2048)
     vae = _full_vae(sample_size=1024, scaling_factor=0.13025)
     text = CLIPTextModel(CLIPTextConfig(**CLIP_L))
     text_2 = CLIPTextModelWithProjection(CLIPTextConfig(
