@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from icm_lab.app.replay import regenerate
 from icm_lab.app.runner import run
@@ -11,6 +12,8 @@ from icm_lab.config.schema import SteerConfig
 from icm_lab.core.errors import ConfigError, UserError
 from icm_lab.core.selection import step_window
 from icm_lab.engine.hooks import DenoiserHooks
+from icm_lab.probing.probes import ProbeFit
+from icm_lab.probing.probeset import ProbeSet
 from icm_lab.stages.steer import SteerResult
 from icm_lab.steering.plans import (
     UNTOUCHED,
@@ -98,7 +101,9 @@ def test_steering_moves_the_probe_logit_towards_the_target(localized, tiny):
         return torch.from_numpy(hooks.recording()[layer]).float()  # [4, 8, W]
 
     base, steered = record([]), record(edits)
-    fit = probes.fit(layer)  # one probe per step
+    with safe_open(probes.root / ProbeSet.FILE, framework="pt") as f:  # one probe per step
+        fit = ProbeFit(*(f.get_tensor(f"{layer}/{key}") for key in ("mean", "scale", "weight",
+                                                                    "bias")))
     logit = {name: fit.logits(x.transpose(0, 1))[..., 0] for name, x in
              (("base", base), ("steered", steered))}  # [steps, 4]: evidence for class 1
     shift = logit["steered"] - logit["base"]
