@@ -200,7 +200,8 @@ def planted_localize(tmp_path, tiny, *overrides):
     cfg = make_config(f"paths.root={tmp_path}", *overrides)
     res = Resources(cfg, tmp_path / "run", pipeline=pipe)
     store = planted_store(tmp_path / "store", registry)
-    selection = LayerSelection("auto", "attn1", 3, step_window(0.3, None, store.n_steps))
+    selection = LayerSelection("auto", "attn1", 3, step_window(0.3, None, store.n_steps),
+                               "separability")
 
     def run_stage():
         return localize(res, section(cfg, "localize"), instantiate(cfg.probe), store,
@@ -337,8 +338,8 @@ def test_layer_selection(tiny):
 
     def select(*overrides, window=late, scores=None):
         layers = section(make_config(*overrides), "layers")
-        chosen = LayerSelection(layers.select, layers.kind, layers.k, window).resolve(registry,
-                                                                                      scores)
+        chosen = LayerSelection(layers.select, layers.kind, layers.k, window,
+                                layers.rank_by).resolve(registry, scores)
         return [layer.name for layer in chosen]
 
     assert select("layers=auto", "layers.k=2", scores=scores_table)[0] == PLANTED

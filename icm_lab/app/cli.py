@@ -111,7 +111,7 @@ def check_overrides(argv: list[str]) -> None:
     flags = [arg for arg in argv if arg.startswith("-")]
     overrides = [arg for arg in argv if not arg.startswith("-")]
     if not flags:
-        _one_line_errors(lambda: validate(compose_config(overrides)))
+        _one_line_errors(lambda: validate(compose_config(overrides), keep=True))
     elif set(flags) <= {"-m", "--multirun"}:
         _one_line_errors(lambda: [validate(compose_config(job)) for job in sweep_jobs(overrides)])
 

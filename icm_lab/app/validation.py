@@ -40,21 +40,25 @@ def _bind(make: partial, key: str, **supplied: Any) -> None:
         raise ConfigError(f"{key}: {error} (options given: {sorted(make.keywords)})") from None
 
 
-# Configs this process has validated, by their resolved text: the pre-check before Hydra
-# starts and the run it then starts check one config once.
-_VALIDATED: dict[str, Components] = {}
+# What the pre-check validated before Hydra started, by the resolved config, for the run it
+# then starts: the pair checks and builds one config once. Each entry serves one run.
+_PRECHECKED: dict[str, Components] = {}
 
 
-def validate(cfg: DictConfig) -> Components:
-    """The config's components, built once (`build_components`) and checked; a ConfigError
-    (one line: key, value, valid choices) for the first bad value."""
+def validate(cfg: DictConfig, keep: bool = False) -> Components:
+    """The config's components, built (`build_components`) and checked; a ConfigError (one
+    line: key, value, valid choices) for the first bad value. `keep`: the pre-check's, kept
+    for the run that follows, which takes them instead of checking again."""
     try:
         key = OmegaConf.to_yaml(cfg, resolve=True)
     except OmegaConfBaseException:  # `${hydra:...}` outside a Hydra job: checked, not kept
         return _checked(cfg)
-    if key not in _VALIDATED:
-        _VALIDATED[key] = _checked(cfg)
-    return _VALIDATED[key]
+    if not keep and key in _PRECHECKED:
+        return _PRECHECKED.pop(key)
+    parts = _checked(cfg)
+    if keep:
+        _PRECHECKED[key] = parts
+    return parts
 
 
 def _checked(cfg: DictConfig) -> Components:

@@ -55,7 +55,7 @@ class LayerSelection:
     kind: str
     k: int
     window: range
-    rank_by: str = "separability"  # or causal: by the causal map's effect
+    rank_by: str  # separability, or causal: by the causal map's effect (layers.rank_by)
 
     @property
     def ranked(self) -> bool:
@@ -75,8 +75,8 @@ class LayerSelection:
             return registry.select(self.select)
         ranking = self.ranking(scores, causal)
         if ranking.empty:
-            raise UserError(f"layers=auto (rank_by={self.rank_by}) found no {self.kind!r} layer "
-                            "to rank")
+            raise UserError(f"layers=auto (rank_by={self.rank_by}) found no "
+                            f"{str(self.kind)!r} layer to rank")
         return [registry[name] for name in ranking["layer"].head(self.k)]
 
     def ranking(self, scores: pd.DataFrame | None, causal: pd.DataFrame | None) -> pd.DataFrame:

@@ -40,7 +40,7 @@ from icm_lab.probing.probes import ProbeFit
 if TYPE_CHECKING:
     from icm_lab.io.store import ActivationStore
 
-SOURCES = tuple(Direction)  # where a direction comes from (steer.direction)
+SOURCES = tuple(d.value for d in Direction)  # where a direction comes from (steer.direction)
 
 
 def projection_std(x: np.ndarray, directions: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train
 
 from icm_lab.config.schema import Split
 
-SPLITS = tuple(Split)  # localize.split's choices
+SPLITS = tuple(split.value for split in Split)  # localize.split's choices
 
 
 def split_indices(labels: np.ndarray, groups: np.ndarray, method: str, test_size: float,

@@ -115,7 +115,7 @@ class Resources:
     @cached_property
     def tracker(self) -> Tracker:
         name, group = self._tracking_name()
-        config = OmegaConf.to_container(self._cfg, resolve=True)
+        config = OmegaConf.to_container(self._cfg, resolve=True, enum_to_str=True)
         return self.components.logger(run_dir=self.run_dir, config=config, name=name,
                                       group=group)
 

@@ -61,7 +61,7 @@ def assign_targets(n: int, target: np.ndarray, seed: int, policy: str = "all",
     from `target`.
     """
     if policy not in set(Policy):
-        raise choices_error("steer.policy", policy, list(Policy))
+        raise choices_error("steer.policy", policy, [p.value for p in Policy])
     if policy == "paper_batch":
         return paper_batch_targets(n, target, seed)
     counts = largest_remainder(n, target)
@@ -113,7 +113,7 @@ def calibrated_scale(probes: ProbeSet, layer: str, source: str, units: str) -> t
     1 (`raw`) or their sigma (`sigma`: alpha counts standard deviations of the collected
     activations along the direction)."""
     if units not in set(Units):
-        raise choices_error("steer.units", units, list(Units))
+        raise choices_error("steer.units", units, [u.value for u in Units])
     if units == "raw":  # no sigma read: probe sets from before sigma still steer in raw units
         return torch.ones(probes.directions(layer, source).shape[:2])
     return probes.sigmas(layer, source)
