@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 
 from icm_lab.app.runner import run
 from icm_lab.config.compose import CONFIG_DIR, compose_config
+from icm_lab.core.layers import LayerInfo, LayerRegistry
 from icm_lab.core.selection import step_window
 from icm_lab.engine import hooks as hooks_module
 from icm_lab.engine.hooks import AddVector, DenoiserHooks, ForwardHook
@@ -146,19 +147,21 @@ def bench_record(args: argparse.Namespace, overrides: list[str]) -> None:
                     lambda registry, args: {"record": registry.names()})
 
 
+def icm_interventions(registry: LayerRegistry, batch: int, steps: int, names: list[str]
+                      ) -> list[AddVector]:
+    """ICM-shaped interventions: per-sample, per-step vectors on `names` from 30% of the steps."""
+    g = torch.Generator().manual_seed(0)
+    start = step_window(0.3, None, steps).start
+    return [AddVector(name, 15 * torch.randn(batch, steps, registry[name].width, generator=g),
+                      start=start) for name in names]
+
+
 def bench_steer(args: argparse.Namespace, overrides: list[str]) -> None:
     """ICM steering (per-sample, per-step vectors on the paper's three attn1 layers, from 30% of
     the steps on) against the plain pipeline."""
-    def steering(registry, args):
-        g = torch.Generator().manual_seed(0)
-        layers = [registry[name] for name in compose_config(["layers=paper_sd15"]).layers.select]
-        start = int(0.3 * args.steps)
-        return {"interventions": [
-            AddVector(layer.name, 15 * torch.randn(args.batch, args.steps, layer.width,
-                                                   generator=g), start=start)
-            for layer in layers]}
-
-    _hook_benchmark(args, overrides, "steer", steering)
+    paper = list(compose_config(["layers=paper_sd15"]).layers.select)
+    _hook_benchmark(args, overrides, "steer", lambda registry, args: {
+        "interventions": icm_interventions(registry, args.batch, args.steps, paper)})
 
 
 def planted_activations(n: int, steps: int, widths: list[int], seed: int = 0):
@@ -205,18 +208,34 @@ def sklearn_layer(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndar
         return balanced.numpy(), time.process_time() - start
 
 
+def sd15_probe_problem(n: int, steps: int
+                       ) -> tuple[list[LayerInfo], list[torch.Tensor], torch.Tensor,
+                                  torch.Tensor, torch.Tensor]:
+    """The probe benchmark's problem: planted activations of SD1.5's attn1 and attn2 layers
+    (widths read from its architecture, in its order), labels, and an 80/20 split: (layers,
+    activations [n, steps, width] per layer, y, train rows, test rows)."""
+    registry, _ = build(compose_config(["model=sd15_random"]).model,
+                        "model").registry_without_weights()
+    infos = [layer for layer in registry if layer.kind in ("attn1", "attn2")]
+    layers, y = planted_activations(n, steps, [layer.width for layer in infos])
+    train = torch.randperm(n, generator=torch.Generator().manual_seed(1))[: int(0.8 * n)]
+    test = torch.tensor(sorted(set(range(n)) - set(train.tolist())))
+    return infos, layers, y, train, test
+
+
+def start_workers(jobs: int, x: np.ndarray, y: np.ndarray) -> None:
+    """Start joblib's worker processes (each imports torch) before anything is timed."""
+    warm = (x[:1, :64], y[:64], np.arange(48), np.arange(48, 64))
+    Parallel(n_jobs=jobs)(delayed(sklearn_layer)(*warm) for _ in range(jobs))
+
+
 def bench_probes(args: argparse.Namespace, overrides: list[str]) -> None:
     """logreg (batched) against scikit-learn per probe, on SD1.5-shaped probes. scikit-learn
     runs as a careful user runs it: one BLAS thread per process, in one process and over joblib
     workers on every core; wall and CPU time of each side, with the machine's load."""
     n, steps = 1024, args.probe_steps
-    registry, _ = build(compose_config(["model=sd15_random"]).model,
-                        "model").registry_without_weights()
-    widths = [layer.width for kind in ("attn1", "attn2") for layer in registry
-              if layer.kind == kind]  # SD1.5's, read from its architecture
-    layers, y = planted_activations(n, steps, widths)
-    train = torch.randperm(n, generator=torch.Generator().manual_seed(1))[: int(0.8 * n)]
-    test = torch.tensor(sorted(set(range(n)) - set(train.tolist())))
+    infos, layers, y, train, test = sd15_probe_problem(n, steps)
+    widths = [layer.width for layer in infos]
     arrays = [x.permute(1, 0, 2).contiguous().numpy() for x in layers]  # [steps, n, width]
     split = (y.numpy(), train.numpy(), test.numpy())
     competing = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -226,8 +245,7 @@ def bench_probes(args: argparse.Namespace, overrides: list[str]) -> None:
               f"{len(widths) * steps} probes, N={n}; {args.load} competing busy processes",
               flush=True)
         jobs = os.cpu_count() or 1
-        warm = (arrays[0][:1, :64], split[0][:64], np.arange(48), np.arange(48, 64))
-        Parallel(n_jobs=jobs)(delayed(sklearn_layer)(*warm) for _ in range(jobs))  # imports
+        start_workers(jobs, arrays[0], split[0])
         sides = {
             "sklearn, 1 process x 1 thread": lambda: [sklearn_layer(x, *split) for x in arrays],
             f"sklearn, joblib {jobs} workers x 1 thread": lambda: Parallel(n_jobs=jobs)(

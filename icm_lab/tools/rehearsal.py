@@ -40,12 +40,18 @@ from icm_lab.config.compose import SWEEPS_DIR, compose_config
 from icm_lab.core.layers import LayerRegistry
 from icm_lab.core.selection import step_window
 from icm_lab.engine.generation import STATELESS_SCHEDULERS
-from icm_lab.engine.hooks import AddVector, DenoiserHooks
+from icm_lab.engine.hooks import DenoiserHooks
 from icm_lab.models.adapters import denoiser, layer_registry
 from icm_lab.models.loading import ModelSpec
 from icm_lab.probing.probes import Probe, fit_probes, scores, width_batches
 from icm_lab.stages.components import build
-from icm_lab.tools.bench import planted_activations, sklearn_layer, sync
+from icm_lab.tools.bench import (
+    icm_interventions,
+    sd15_probe_problem,
+    sklearn_layer,
+    start_workers,
+    sync,
+)
 
 # The CUDA runtime calls that make the host wait for the device.
 SYNC_CALLS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize",
@@ -103,22 +109,13 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def steering(registry: LayerRegistry, batch: int, steps: int, names: list[str]
-             ) -> list[AddVector]:
-    """ICM-shaped interventions: per-sample, per-step vectors on `names` from 30% of the steps."""
-    g = torch.Generator().manual_seed(0)
-    start = step_window(0.3, None, steps).start
-    return [AddVector(name, 15 * torch.randn(batch, steps, registry[name].width, generator=g),
-                      start=start) for name in names]
-
-
 def sides(pipe: DiffusionPipeline, registry: LayerRegistry, batch: int, steps: int,
           steer_layers: list[str]) -> dict[str, Callable[[], AbstractContextManager]]:
     """What is timed: the plain pipeline, recording every hook point, steering three layers."""
     return {
         "plain": nullcontext,
         "record": lambda: DenoiserHooks(pipe, registry, record=registry.names()),
-        "steer": lambda: DenoiserHooks(pipe, registry, interventions=steering(
+        "steer": lambda: DenoiserHooks(pipe, registry, interventions=icm_interventions(
             registry, batch, steps, steer_layers)),
     }
 
@@ -257,19 +254,13 @@ def probes(scale: Scale, out: Path) -> dict[str, Any]:
     started before the clock, one BLAS thread each), on the SD1.5-shaped probes of `make
     bench`'s probe benchmark. logreg fits layers of one width together up to `probe.batch_mb`,
     as localize does; scikit-learn one probe at a time, as it must."""
-    registry, _ = build(compose_config(["model=sd15_random"]).model,
-                        "model").registry_without_weights()
-    infos = [layer for layer in registry if layer.kind in ("attn1", "attn2")]
-    widths = [layer.width for layer in infos]
-    layers, y = planted_activations(scale.probe_n, scale.probe_steps, widths)
-    by_name = dict(zip([layer.name for layer in infos], layers, strict=True))
     n = scale.probe_n
-    train = torch.randperm(n, generator=torch.Generator().manual_seed(1))[: int(0.8 * n)]
-    test = torch.tensor(sorted(set(range(n)) - set(train.tolist())))
+    infos, layers, y, train, test = sd15_probe_problem(n, scale.probe_steps)
+    widths = [layer.width for layer in infos]
+    by_name = dict(zip([layer.name for layer in infos], layers, strict=True))
     arrays = [x.permute(1, 0, 2).contiguous().numpy() for x in layers]
     jobs = os.cpu_count() or 1
-    warm = (arrays[0][:1, :64], y.numpy()[:64], np.arange(48), np.arange(48, 64))
-    Parallel(n_jobs=jobs)(delayed(sklearn_layer)(*warm) for _ in range(jobs))  # workers started
+    start_workers(jobs, arrays[0], y.numpy())
     start = time.perf_counter()
     reference = Parallel(n_jobs=jobs)(delayed(sklearn_layer)(x, y.numpy(), train.numpy(),
                                                              test.numpy()) for x in arrays)
